@@ -1,0 +1,189 @@
+"""`distalign`: estimate, finetune, datasets, quickstart. Bad input -> one error line, exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from distalign_ray.errors import DistalignError
+
+
+def _load_config_file(path: str | None, section: str) -> dict:
+    if not path:
+        return {}
+    file = Path(path)
+    if not file.is_file():
+        raise DistalignError(f"config file not found: {path}")
+    try:
+        document = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise DistalignError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(document, dict):
+        raise DistalignError(f"config {path}: expected a mapping")
+    return document.get(section, document if section == "quickstart" else {})
+
+
+def _validated(model_cls, values: dict, origin: str):
+    from pydantic import ValidationError
+
+    try:
+        return model_cls.model_validate(values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise DistalignError(f"invalid {origin}: {where}: {first['msg']}") from None
+
+
+def _overrides(args, names: list[str]) -> dict:
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def _spec_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--dataset", help="built-in dataset name (see `distalign datasets list`)")
+    group.add_argument("--spec", help="a distribution spec YAML file (format: docs/specs.md)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distalign", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    est = sub.add_parser("estimate", help="estimate a model's output distribution per context")
+    _spec_args(est)
+    est.add_argument("--model", help="alias (smollm2-135m), local HF folder, or hub id")
+    est.add_argument("--adapter", help="a fine-tuned adapter folder (from `distalign finetune`)")
+    est.add_argument("--samples", dest="samples_per_context", type=int, help="samples per context")
+    est.add_argument("--estimator", choices=["sample", "readout"], help="sample (default) or readout")
+    est.add_argument("--task", choices=["attribute", "story"])
+    est.add_argument("--max-contexts", dest="max_contexts", type=int, help="only the first N contexts")
+    est.add_argument("--prompt-engineering", dest="prompt_engineering", action="store_true", default=None,
+                     help="state the target distribution in the prompt")
+    est.add_argument("--seed", type=int)
+    est.add_argument("--config", help="YAML with an `estimate:` section (EstimateConfig fields)")
+
+    ft = sub.add_parser("finetune", help="fine-tune a LoRA adapter with the hybrid (KL + KTO) loss on Ray Train")
+    _spec_args(ft)
+    ft.add_argument("--model", help="alias (smollm2-135m), local HF folder, or hub id")
+    ft.add_argument("--output", required=True, help="adapter folder to create (must not exist or be empty)")
+    ft.add_argument("--loss-mode", dest="loss_mode", choices=["hybrid", "kl_only", "kto_only"])
+    ft.add_argument("--epochs", type=int, help="stage-2 epochs")
+    ft.add_argument("--num-workers", dest="num_workers", type=int, help="Ray Train workers (0 = local mode)")
+    ft.add_argument("--max-contexts", dest="max_contexts", type=int)
+    ft.add_argument("--seed", type=int)
+    ft.add_argument("--config", help="YAML with a `finetune:` section (FinetuneConfig fields)")
+
+    ds = sub.add_parser("datasets", help="list or show the built-in datasets")
+    ds_sub = ds.add_subparsers(dest="datasets_command")
+    ds_sub.add_parser("list", help="list the built-in datasets")
+    show = ds_sub.add_parser("show", help="show a dataset's categories, contexts and targets")
+    show.add_argument("name")
+
+    qs = sub.add_parser("quickstart", help="before/after demo on the embedded model (<= 15 min on 2 cores)")
+    qs.add_argument("--samples", dest="samples_per_context", type=int, help="samples per context per estimate")
+    qs.add_argument("--epochs", type=int, help="stage-2 epochs")
+    qs.add_argument("--num-workers", dest="num_workers", type=int)
+    qs.add_argument("--max-contexts", dest="max_contexts", type=int)
+    qs.add_argument("--model", help="model to start from (default: the embedded smollm2-135m)")
+    qs.add_argument("--output", help="adapter folder to create")
+    qs.add_argument("--config", help="YAML with quickstart fields (dataset, finetune:, estimate:)")
+    return parser
+
+
+def cmd_datasets(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from distalign_ray.data.specs import builtin_dataset_names, load_dataset
+
+    console = Console()
+    if args.datasets_command == "show":
+        spec = load_dataset(args.name)
+        console.print(f"[bold]{spec.name}[/bold]: {spec.description}")
+        console.print(f"categories: {spec.categories}; samples per context: {spec.samples_per_context}; target: {spec.target_kind}")
+        table = Table("context", *[f"P({c})" for c in spec.categories])
+        for context, target in zip(spec.contexts, spec.targets):
+            table.add_row(context, *[f"{p:.3f}" for p in target])
+        console.print(table)
+        return 0
+    table = Table("name", "attribute", "classes", "contexts", "target", "samples/context")
+    for name in builtin_dataset_names():
+        spec = load_dataset(name)
+        table.add_row(name, spec.attribute, str(spec.num_classes), str(len(spec.contexts)), spec.target_kind, str(spec.samples_per_context))
+    console.print(table)
+    return 0
+
+
+def cmd_estimate(args) -> int:
+    from distalign_ray.config import EstimateConfig
+    from distalign_ray.data.specs import load_spec
+    from distalign_ray.estimate import plan_estimate, run_estimate
+    from distalign_ray.tracking.mlflow_store import check_tracking
+
+    values = _load_config_file(args.config, "estimate")
+    values.update(_overrides(args, ["model", "adapter", "samples_per_context", "estimator", "task", "max_contexts", "prompt_engineering", "seed"]))
+    cfg = _validated(EstimateConfig, values, "estimate config")
+    spec = load_spec(args.dataset, args.spec)
+    check_tracking()
+    plan = plan_estimate(spec, cfg)
+    result = run_estimate(spec, cfg, plan=plan)
+    r = result.report
+    print(f"{spec.name} {result.method} ({cfg.estimator}): MAE {r.mae:.4f} [{r.mae_ci_low:.4f}, {r.mae_ci_high:.4f}] "
+          f"KL {r.kl:.4f} JS {r.js:.4f} unmatched {r.unmatched_rate:.1%} noise floor {r.noise_floor_mae:.4f} "
+          f"readout MAE {result.readout.mae:.4f}; MLflow run {result.run_id}; samples {result.samples_path}")
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    import mlflow
+
+    from distalign_ray.config import FinetuneConfig
+    from distalign_ray.data.specs import load_spec
+    from distalign_ray.tracking.mlflow_store import check_tracking, log_params, start_run
+    from distalign_ray.training.finetune import run_finetune, validate_finetune
+
+    values = _load_config_file(args.config, "finetune")
+    values.update(_overrides(args, ["model", "loss_mode", "epochs", "num_workers", "max_contexts", "seed"]))
+    cfg = _validated(FinetuneConfig, values, "finetune config")
+    spec = load_spec(args.dataset, args.spec)
+    check_tracking()
+    validate_finetune(spec, cfg, args.output)
+    with start_run(f"finetune-{spec.name}-{cfg.loss_mode}", tags={"dataset": spec.name, "method": cfg.loss_mode, "model": cfg.model, "task": "attribute"}) as run:
+        log_params(cfg.model_dump())
+        result = run_finetune(spec, cfg, args.output, mlflow_run_id=run.info.run_id)
+        mlflow.log_metrics({k: v for k, v in result["metrics"].items() if isinstance(v, float)} | {"seconds": result["seconds"]})
+        mlflow.log_artifacts(result["adapter"], artifact_path="adapter")
+    print(f"adapter written to {result['adapter']} in {result['seconds']:.0f}s; MLflow run {run.info.run_id}")
+    return 0
+
+
+def cmd_quickstart(args) -> int:
+    from distalign_ray.quickstart import QuickstartConfig, run_quickstart
+
+    values = _load_config_file(args.config, "quickstart")
+    cfg = _validated(QuickstartConfig, values, "quickstart config")
+    finetune = cfg.finetune.model_dump() | _overrides(args, ["epochs", "num_workers", "max_contexts", "model"])
+    estimate = cfg.estimate.model_dump() | _overrides(args, ["samples_per_context", "max_contexts"])
+    cfg = _validated(QuickstartConfig, cfg.model_dump() | {"finetune": finetune, "estimate": estimate} | _overrides(args, ["output"]), "quickstart config")
+    run_quickstart(cfg)
+    return 0
+
+
+COMMANDS = {"estimate": cmd_estimate, "finetune": cmd_finetune, "datasets": cmd_datasets, "quickstart": cmd_quickstart}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except DistalignError as exc:
+        print(f"distalign: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Typed, validated configs for fine-tuning and estimation (documented like TRL's config dataclasses).
+
+Every field is logged to MLflow as a param, so a run can be reproduced from its params alone.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from distalign_ray.losses.hybrid import LOSS_MODES
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LoraSettings(_Config):
+    r: int = Field(16, gt=0, description="LoRA rank")
+    alpha: int = Field(32, gt=0, description="LoRA alpha (scale = alpha / r)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+class FinetuneConfig(_Config):
+    """Stage 1 (SFT on desirable answers) then stage 2 (steering KL + KTO)."""
+
+    model: str = Field("smollm2-135m", description="alias, local HF folder, or hub id")
+    loss_mode: str = Field("hybrid", description=f"one of {sorted(LOSS_MODES)}")
+    kl_weight: float = Field(1.0, ge=0, description="weight of the steering KL term")
+    kto_weight: float = Field(1.0, ge=0, description="weight of the KTO term")
+    beta: float = Field(0.1, gt=0, description="KTO beta")
+    desirable_weight: float = Field(1.0, gt=0, description="KTO lambda_D")
+    undesirable_weight: float = Field(1.0, gt=0, description="KTO lambda_U")
+    kl_normalization: Literal["steering", "vocab"] = Field(
+        "steering", description="renormalise the model over the steering ids (default) or use the full vocabulary"
+    )
+    score_steering_token: bool = Field(
+        False,
+        description="include the steering id in the SFT/KTO log-probs (the paper does; we leave the id to the KL)",
+    )
+    steering_tokens: Literal["auto", "digits", "special"] = "auto"
+    sft_epochs: int = Field(1, ge=0)
+    sft_lr: float = Field(1e-3, gt=0)
+    epochs: int = Field(3, ge=1, description="stage-2 epochs")
+    lr: float = Field(2e-3, gt=0)
+    batch_size: int = Field(16, gt=0, description="global batch size (split over workers)")
+    warmup_ratio: float = Field(0.1, ge=0, le=1)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay floor, as a fraction of lr")
+    max_grad_norm: float = Field(1.0, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    num_workers: int = Field(2, ge=0, description="Ray Train workers; 0 = local mode in this process")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_contexts: int | None = Field(None, gt=0, description="train on the first N contexts only")
+    templates: list[str] | None = Field(None, description="attribute templates to train on (default: all)")
+    log_every: int = Field(1, ge=1, description="MLflow step-metric interval (rank 0, batched)")
+    seed: int = 42
+    max_failures: int = Field(0, ge=0, description="Ray Train worker-group restarts from the last checkpoint")
+
+    @model_validator(mode="after")
+    def _check_mode(self) -> "FinetuneConfig":
+        if self.loss_mode not in LOSS_MODES:
+            raise ValueError(f"loss_mode must be one of {sorted(LOSS_MODES)}")
+        return self
+
+
+class EstimateConfig(_Config):
+    model: str = "smollm2-135m"
+    adapter: str | None = None
+    task: Literal["attribute", "story"] = "attribute"
+    estimator: Literal["sample", "readout"] = "sample"
+    samples_per_context: int | None = Field(None, gt=0, description="default: the spec's value")
+    samples_per_request: int = Field(25, gt=0, description="samples drawn by one generate() call")
+    max_new_tokens: int = Field(12, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    engine: Literal["hf"] = "hf"
+    num_actors: int = Field(2, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    prompt_engineering: bool = False
+    max_contexts: int | None = Field(None, gt=0)
+    bootstrap_resamples: int = Field(1000, gt=0)
+    seed: int = 0

@@ -1,0 +1,1 @@
+"""Distribution specs, built-in datasets, prompts and steering-token training examples."""

@@ -1,0 +1,249 @@
+"""Estimate a model's output distribution per context: Ray Data generation (or the readout
+estimator), classification, metrics with bootstrap CIs, a parquet sample table, MLflow logging."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from distalign_ray.config import EstimateConfig
+from distalign_ray.data.prompts import build_prompts, chat_prompt_ids
+from distalign_ray.data.specs import DistributionSpec
+from distalign_ray.errors import DistalignError
+from distalign_ray.evaluation.classify import LexicalClassifier
+from distalign_ray.evaluation.metrics import DistributionReport, distribution_report, readout_report
+from distalign_ray.generation.base import SamplingSettings, SteeringSetup
+from distalign_ray.models import ModelRef, load_tokenizer, resolve_model
+from distalign_ray.paths import home_dir
+
+SAMPLE_COLUMNS = ("context_index", "context", "template", "request_id", "seed", "steering_id", "text", "label")
+
+
+@dataclass
+class EstimatePlan:
+    spec: DistributionSpec
+    cfg: EstimateConfig
+    model_ref: ModelRef
+    steering: SteeringSetup
+    method: str
+    requests: list[dict]
+
+
+@dataclass
+class EstimateResult:
+    report: DistributionReport
+    readout: DistributionReport
+    readout_sample_diff: float | None
+    samples_path: Path | None
+    run_id: str | None
+    seconds: float
+    method: str
+
+    def summary(self) -> dict:
+        out = dict(self.report.metrics())
+        out["readout_mae"] = self.readout.mae
+        if self.readout_sample_diff is not None:
+            out["readout_sample_diff"] = self.readout_sample_diff
+        return out
+
+
+def _request_seed(seed: int, *parts: int) -> int:
+    return int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def split_evenly(total: int, parts: int) -> list[int]:
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def plan_estimate(spec: DistributionSpec, cfg: EstimateConfig) -> EstimatePlan:
+    """All validation and request building; no model weights are loaded here."""
+    spec = spec.subset(cfg.max_contexts)
+    model_ref = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(model_ref)
+    answer_ids = [tokenizer(spec.answers[c], add_special_tokens=False)["input_ids"] for c in spec.categories]
+    if cfg.adapter:
+        from distalign_ray.training.finetune import read_adapter_meta
+
+        meta = read_adapter_meta(cfg.adapter)
+        if meta["categories"] != spec.categories:
+            raise DistalignError(
+                f"adapter was trained for categories {meta['categories']}, the spec has {spec.categories}"
+            )
+        if meta.get("added_special_tokens"):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(cfg.adapter)
+        steering = SteeringSetup(token_ids=list(meta["steering_token_ids"]), answer_ids=answer_ids)
+        method = meta.get("loss_mode", "adapter")
+    else:
+        steering = SteeringSetup(token_ids=None, answer_ids=answer_ids)
+        method = "prompt-engineering" if cfg.prompt_engineering else "zero-shot"
+    total = cfg.samples_per_context or spec.samples_per_context
+    requests = []
+    prompts = build_prompts(spec, cfg.task, state_target=cfg.prompt_engineering)
+    per_context_templates = len(prompts) // len(spec.contexts)
+    for prompt_index, row in enumerate(prompts):
+        prompt_ids = chat_prompt_ids(tokenizer, row)
+        template_position = prompt_index % per_context_templates
+        n_here = split_evenly(total, per_context_templates)[template_position]
+        chunks = split_evenly(n_here, max(1, -(-n_here // cfg.samples_per_request))) if cfg.estimator == "sample" else [0]
+        for chunk_index, n in enumerate(chunks):
+            requests.append(
+                {
+                    "request_id": len(requests),
+                    "context_index": row.context_index,
+                    "context": row.context,
+                    "template": row.template,
+                    "chunk": chunk_index,
+                    "prompt_ids": prompt_ids,
+                    "n": n,
+                    "seed": _request_seed(cfg.seed, row.context_index, template_position, chunk_index),
+                }
+            )
+    return EstimatePlan(spec=spec, cfg=cfg, model_ref=model_ref, steering=steering, method=method, requests=requests)
+
+
+def _samples_table(rows: list[dict], classifier: LexicalClassifier):
+    import pyarrow as pa
+
+    columns = {name: [] for name in SAMPLE_COLUMNS}
+    for row in rows:
+        for text, steering_id in zip(row["texts"], row["steering_indices"]):
+            label = classifier(str(text))
+            columns["context_index"].append(int(row["context_index"]))
+            columns["context"].append(str(row["context"]))
+            columns["template"].append(str(row["template"]))
+            columns["request_id"].append(int(row["request_id"]))
+            columns["seed"].append(int(row["seed"]))
+            columns["steering_id"].append(int(steering_id))
+            columns["text"].append(str(text))
+            columns["label"].append(None if label is None else classifier.categories[label])
+    return pa.table(columns)
+
+
+def execute_plan(plan: EstimatePlan) -> tuple[list[dict], float]:
+    from distalign_ray.cluster import init_ray
+    from distalign_ray.generation.pipeline import run_requests
+
+    init_ray()
+    started = time.time()
+    sampling = SamplingSettings(plan.cfg.max_new_tokens, plan.cfg.temperature, plan.cfg.top_p)
+    rows = run_requests(
+        plan.requests,
+        plan.model_ref.__dict__,
+        str(Path(plan.cfg.adapter).absolute()) if plan.cfg.adapter else None,
+        plan.steering,
+        sampling,
+        plan.cfg.num_actors,
+        plan.cfg.cpus_per_actor,
+        plan.cfg.engine,
+    )
+    return rows, time.time() - started
+
+
+def summarize(plan: EstimatePlan, rows: list[dict], output_dir: Path) -> tuple[DistributionReport, DistributionReport, float | None, Path | None]:
+    import pyarrow.parquet as pq
+
+    spec, cfg = plan.spec, plan.cfg
+    targets = np.array(spec.targets)
+    k = spec.num_classes
+    # Readout: mean over the context's templates (first chunk of each carries it).
+    readout = np.zeros((len(spec.contexts), k))
+    seen = np.zeros(len(spec.contexts))
+    for row in rows:
+        if int(row["chunk"]) == 0:
+            readout[int(row["context_index"])] += np.asarray(row["readout"], dtype=float)
+            seen[int(row["context_index"])] += 1
+    readout /= np.maximum(seen, 1)[:, None]
+    readout_rep = readout_report(readout, targets)
+    if cfg.estimator == "readout":
+        return readout_rep, readout_rep, None, None
+    classifier = LexicalClassifier(spec.categories, spec.aliases)
+    table = _samples_table(rows, classifier)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    samples_path = output_dir / "samples.parquet"
+    pq.write_table(table, samples_path)
+    index = {c: i for i, c in enumerate(spec.categories)}
+    context_col = table.column("context_index").to_pylist()
+    label_col = table.column("label").to_pylist()
+    labels = [[] for _ in spec.contexts]
+    for o, label in zip(context_col, label_col):
+        labels[o].append(-1 if label is None else index[label])
+    report = distribution_report([np.array(l, dtype=int) for l in labels], targets, cfg.bootstrap_resamples, cfg.seed)
+    diff = float(np.abs(report.estimates - readout).mean())
+    return report, readout_rep, diff, samples_path
+
+
+def per_context_table(spec: DistributionSpec, report: DistributionReport, readout: DistributionReport) -> list[dict]:
+    rows = []
+    for o, context in enumerate(spec.contexts):
+        row = {"context": context}
+        for k, category in enumerate(spec.categories):
+            row[f"target_{category}"] = spec.targets[o][k]
+            row[f"estimate_{category}"] = float(report.estimates[o][k])
+            row[f"readout_{category}"] = float(readout.estimates[o][k])
+        row.update(
+            mae=float(report.mae_per_context[o]),
+            readout_mae=float(readout.mae_per_context[o]),
+            samples=int(report.samples_per_context[o]),
+            matched=int(report.matched_per_context[o]),
+        )
+        rows.append(row)
+    return rows
+
+
+def estimation_tags(plan: EstimatePlan, extra: dict | None = None) -> dict:
+    tags = {
+        "dataset": plan.spec.name,
+        "task": plan.cfg.task,
+        "method": plan.method,
+        "estimator": plan.cfg.estimator,
+        "model": plan.model_ref.name,
+    }
+    tags.update(extra or {})
+    return tags
+
+
+def run_estimate(spec: DistributionSpec, cfg: EstimateConfig, tags: dict | None = None, run_name: str | None = None, plan: EstimatePlan | None = None) -> EstimateResult:
+    """Plan (validate), generate on Ray Data, summarise, and log one MLflow run."""
+    import mlflow
+
+    from distalign_ray.evaluation.plots import plot_distributions
+    from distalign_ray.tracking.mlflow_store import log_params, start_run
+
+    plan = plan or plan_estimate(spec, cfg)
+    run_name = run_name or f"estimate-{plan.spec.name}-{plan.method}-{cfg.estimator}"
+    with start_run(run_name, tags=estimation_tags(plan, tags), nested=mlflow.active_run() is not None) as run:
+        log_params({"estimate": cfg.model_dump(), "dataset": plan.spec.name, "num_requests": len(plan.requests)})
+        rows, seconds = execute_plan(plan)
+        output_dir = home_dir() / "runs" / run.info.run_id
+        report, readout, diff, samples_path = summarize(plan, rows, output_dir)
+        metrics = report.metrics()
+        metrics.update(readout_mae=readout.mae, readout_kl=readout.kl, readout_js=readout.js, seconds=seconds)
+        if diff is not None:
+            metrics["readout_sample_diff"] = diff
+        mlflow.log_metrics(metrics)
+        table = per_context_table(plan.spec, report, readout)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "per_context.json").write_text(json.dumps(table, indent=2))
+        _write_csv(table, output_dir / "per_context.csv")
+        series = {"readout": readout.estimates} if cfg.estimator == "readout" else {"sampled": report.estimates, "readout": readout.estimates}
+        plot_distributions(
+            plan.spec.contexts, plan.spec.categories, np.array(plan.spec.targets), series,
+            f"{plan.spec.name} - {plan.method} ({cfg.estimator}) MAE {report.mae:.3f}", output_dir / "distribution.png",
+        )
+        mlflow.log_artifacts(str(output_dir))
+    return EstimateResult(report, readout, diff, samples_path, run.info.run_id, seconds, plan.method)
+
+
+def _write_csv(rows: list[dict], path: Path) -> None:
+    import csv
+
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)

@@ -1,0 +1,1 @@
+"""Answer classification, distribution metrics, bootstrap CIs, and plots."""

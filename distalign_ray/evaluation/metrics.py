@@ -1,0 +1,144 @@
+"""Distribution metrics over contexts: MAE, KL, Jensen-Shannon divergence, bootstrap CIs, noise floor.
+
+Per context o with target t_o and estimate q_o over K classes:
+  MAE_o = (1/K) sum_k |t_ok - q_ok|         (for two classes this is |t_male - q_male|)
+  KL_o  = sum_{k: t_ok > 0} t_ok ln(t_ok / (q_ok + 1e-10))
+  JS_o  = (KL(t || m) + KL(q || m)) / 2, m = (t + q) / 2   (the divergence, natural log; not the distance)
+and each metric is the mean over contexts. q_o comes from matched answers only; a context with no
+matched answer gets q_o = 0 (it is counted as fully wrong, not skipped).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+EPS = 1e-10
+
+
+def proportions(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Class shares among matched labels (-1 = unmatched); all zeros when nothing matched."""
+    matched = labels[labels >= 0]
+    if matched.size == 0:
+        return np.zeros(num_classes)
+    return np.bincount(matched, minlength=num_classes) / matched.size
+
+
+def mae(targets: np.ndarray, estimates: np.ndarray) -> np.ndarray:
+    return np.abs(targets - estimates).mean(-1)
+
+
+def kl_divergence(targets: np.ndarray, estimates: np.ndarray) -> np.ndarray:
+    ratio = np.where(targets > 0, targets / (estimates + EPS), 1.0)
+    return (targets * np.log(ratio)).sum(-1)
+
+
+def js_divergence(targets: np.ndarray, estimates: np.ndarray) -> np.ndarray:
+    mid = (targets + estimates) / 2
+
+    def kl(a, b):
+        return np.where(a > 0, a * np.log(np.where(a > 0, a, 1.0) / np.where(b > 0, b, 1.0)), 0.0).sum(-1)
+
+    return (kl(targets, mid) + kl(estimates, mid)) / 2
+
+
+@dataclass
+class DistributionReport:
+    estimates: np.ndarray  # [contexts, K]
+    mae_per_context: np.ndarray
+    mae: float
+    mae_ci_low: float
+    mae_ci_high: float
+    kl: float
+    js: float
+    unmatched_rate: float
+    noise_floor_mae: float
+    samples_per_context: np.ndarray
+    matched_per_context: np.ndarray
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "mae": self.mae,
+            "mae_ci_low": self.mae_ci_low,
+            "mae_ci_high": self.mae_ci_high,
+            "kl": self.kl,
+            "js": self.js,
+            "unmatched_rate": self.unmatched_rate,
+            "noise_floor_mae": self.noise_floor_mae,
+        }
+
+
+def bootstrap_mae(labels: list[np.ndarray], targets: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """Mean MAE of each resample: every context's label list is resampled with replacement at its
+    own length (unmatched answers stay in the pool, as in the reference protocol)."""
+    k = targets.shape[1]
+    per_context = np.zeros((resamples, len(labels)))
+    for o, context_labels in enumerate(labels):
+        n = context_labels.size
+        if n == 0:
+            per_context[:, o] = targets[o].mean()
+            continue
+        draws = context_labels[rng.integers(0, n, size=(resamples, n))]
+        counts = np.stack([(draws == c).sum(-1) for c in range(k)], axis=-1).astype(float)
+        matched = counts.sum(-1, keepdims=True)
+        shares = np.divide(counts, matched, out=np.zeros_like(counts), where=matched > 0)
+        per_context[:, o] = np.abs(shares - targets[o]).mean(-1)
+    return per_context.mean(-1)
+
+
+def noise_floor(targets: np.ndarray, sizes: np.ndarray, resamples: int, rng: np.random.Generator) -> float:
+    """Expected MAE of a perfectly calibrated sampler with these per-context sample sizes."""
+    totals = np.zeros(resamples)
+    for o, n in enumerate(sizes):
+        n = int(max(n, 1))
+        draws = rng.multinomial(n, targets[o], size=resamples) / n
+        totals += np.abs(draws - targets[o]).mean(-1)
+    return float((totals / len(sizes)).mean())
+
+
+def distribution_report(
+    labels: list[np.ndarray], targets: np.ndarray, resamples: int = 1000, seed: int = 0
+) -> DistributionReport:
+    """`labels[o]`: class index per sample of context o (-1 = unmatched)."""
+    k = targets.shape[1]
+    estimates = np.stack([proportions(l, k) for l in labels])
+    per_context = mae(targets, estimates)
+    rng = np.random.default_rng(seed)
+    boot = bootstrap_mae(labels, targets, resamples, rng)
+    total = sum(l.size for l in labels)
+    unmatched = sum(int((l < 0).sum()) for l in labels)
+    matched = np.array([int((l >= 0).sum()) for l in labels])
+    return DistributionReport(
+        estimates=estimates,
+        mae_per_context=per_context,
+        mae=float(per_context.mean()),
+        mae_ci_low=float(np.percentile(boot, 2.5)),
+        mae_ci_high=float(np.percentile(boot, 97.5)),
+        kl=float(kl_divergence(targets, estimates).mean()),
+        js=float(js_divergence(targets, estimates).mean()),
+        unmatched_rate=unmatched / total if total else 0.0,
+        noise_floor_mae=noise_floor(targets, np.where(matched > 0, matched, [l.size for l in labels]), resamples, rng),
+        samples_per_context=np.array([l.size for l in labels]),
+        matched_per_context=matched,
+    )
+
+
+def readout_report(estimates: np.ndarray, targets: np.ndarray) -> DistributionReport:
+    """Metrics of a sampling-free estimate: no sampling noise, so the CI collapses to the value."""
+    per_context = mae(targets, estimates)
+    value = float(per_context.mean())
+    n = np.zeros(len(targets), dtype=int)
+    return DistributionReport(
+        estimates=estimates,
+        mae_per_context=per_context,
+        mae=value,
+        mae_ci_low=value,
+        mae_ci_high=value,
+        kl=float(kl_divergence(targets, estimates).mean()),
+        js=float(js_divergence(targets, estimates).mean()),
+        unmatched_rate=0.0,
+        noise_floor_mae=0.0,
+        samples_per_context=n,
+        matched_per_context=n,
+    )

@@ -1,0 +1,1 @@
+"""Generation engines behind one interface, and the Ray Data pipeline that runs them."""

@@ -1,0 +1,3 @@
+from distalign_ray.models.registry import ModelRef, load_model, load_tokenizer, resolve_model
+
+__all__ = ["ModelRef", "load_model", "load_tokenizer", "resolve_model"]

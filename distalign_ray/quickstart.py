@@ -1,0 +1,103 @@
+"""The main job: estimate the embedded model on gender-UK-real, fine-tune it with the hybrid loss,
+estimate again, and print the before/after comparison. Everything lands in one MLflow parent run."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from distalign_ray.config import EstimateConfig, FinetuneConfig
+from distalign_ray.data.specs import load_spec
+from distalign_ray.paths import home_dir
+
+# Sized for <= 15 min on 2 CPU cores (see README "Quickstart budget").
+QUICKSTART_SAMPLES_PER_CONTEXT = 40
+
+
+class QuickstartConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = "gender-uk-real"
+    spec: str | None = None
+    output: str | None = Field(None, description="adapter folder (default: <home>/adapters/quickstart-<time>)")
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    estimate: EstimateConfig = Field(
+        default_factory=lambda: EstimateConfig(samples_per_context=QUICKSTART_SAMPLES_PER_CONTEXT)
+    )
+
+
+def run_quickstart(cfg: QuickstartConfig, console=None) -> dict:
+    import mlflow
+    from rich.console import Console
+
+    from distalign_ray.estimate import plan_estimate, run_estimate
+    from distalign_ray.tracking.mlflow_store import check_tracking, log_params, start_run, tracking_uri
+    from distalign_ray.training.finetune import run_finetune, validate_finetune
+
+    console = console or Console()
+    spec = load_spec(None if cfg.spec else cfg.dataset, cfg.spec)
+    output = Path(cfg.output or home_dir() / "adapters" / f"quickstart-{time.strftime('%Y%m%d-%H%M%S')}")
+    estimate_before = cfg.estimate.model_copy(update={"model": cfg.finetune.model, "adapter": None})
+    # Fail fast on every input before Ray or any model work starts.
+    check_tracking()
+    validate_finetune(spec, cfg.finetune, output)
+    before_plan = plan_estimate(spec, estimate_before)
+    timings = {}
+    started = time.time()
+    with start_run(f"quickstart-{spec.name}", tags={"dataset": spec.name, "task": "attribute", "job": "quickstart"}) as parent:
+        log_params({"quickstart": cfg.model_dump(exclude={"finetune", "estimate"}), "finetune": cfg.finetune.model_dump(), "estimate": cfg.estimate.model_dump()})
+        console.rule("[bold]1/3 estimate the base model")
+        t = time.time()
+        before = run_estimate(spec, estimate_before, tags={"stage": "before"}, run_name="before", plan=before_plan)
+        timings["estimate_before_s"] = time.time() - t
+        console.print(f"before: MAE {before.report.mae:.3f} [{before.report.mae_ci_low:.3f}, {before.report.mae_ci_high:.3f}]")
+
+        console.rule("[bold]2/3 fine-tune (SFT, then steering KL + KTO) on Ray Train")
+        t = time.time()
+        with start_run("finetune", tags={"dataset": spec.name, "method": cfg.finetune.loss_mode, "model": cfg.finetune.model, "task": "attribute"}, nested=True) as ft_run:
+            log_params(cfg.finetune.model_dump())
+            trained = run_finetune(spec, cfg.finetune, output, mlflow_run_id=ft_run.info.run_id)
+            mlflow.log_metrics({k: v for k, v in trained["metrics"].items() if isinstance(v, float)})
+            mlflow.log_artifacts(str(output), artifact_path="adapter")
+        timings["finetune_s"] = time.time() - t
+
+        console.rule("[bold]3/3 estimate the fine-tuned model")
+        t = time.time()
+        estimate_after = estimate_before.model_copy(update={"adapter": str(output)})
+        after = run_estimate(spec, estimate_after, tags={"stage": "after"}, run_name="after")
+        timings["estimate_after_s"] = time.time() - t
+        timings["total_s"] = time.time() - started
+        mlflow.log_metrics({"before_mae": before.report.mae, "after_mae": after.report.mae, **timings})
+    summary = {"before": before, "after": after, "timings": timings, "adapter": str(output), "parent_run_id": parent.info.run_id}
+    print_comparison(console, spec, before, after, timings, tracking_uri())
+    return summary
+
+
+def print_comparison(console, spec, before, after, timings: dict, uri: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{spec.name}: before vs after fine-tuning")
+    table.add_column("context")
+    table.add_column(f"target P({spec.categories[0]})", justify="right")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_column("after (readout)", justify="right")
+    for o, context in enumerate(spec.contexts):
+        table.add_row(
+            context[:48],
+            f"{spec.targets[o][0]:.2f}",
+            f"{before.report.estimates[o][0]:.2f}",
+            f"{after.report.estimates[o][0]:.2f}",
+            f"{after.readout.estimates[o][0]:.2f}",
+        )
+    console.print(table)
+    for name, result in (("before", before), ("after", after)):
+        r = result.report
+        console.print(
+            f"[bold]{name:6s}[/bold] MAE {r.mae:.3f} (95% CI {r.mae_ci_low:.3f}-{r.mae_ci_high:.3f})  KL {r.kl:.3f}  "
+            f"JS {r.js:.3f}  unmatched {r.unmatched_rate:.1%}  noise floor {r.noise_floor_mae:.3f}  readout MAE {result.readout.mae:.3f}"
+        )
+    console.print("timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
+    console.print(f"Open the MLflow UI:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")

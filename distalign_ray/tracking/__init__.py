@@ -1,0 +1,1 @@
+"""MLflow tracking: the store, runs, and the names that are a contract with the UI."""

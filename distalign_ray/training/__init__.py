@@ -1,0 +1,1 @@
+"""Hybrid-loss LoRA fine-tuning on Ray Train."""

@@ -1,0 +1,242 @@
+"""The Ray Train worker loop: LoRA on the base model, stage 1 SFT, stage 2 hybrid, a checkpoint per epoch.
+
+Runs identically in a Ray Train worker group (DDP over gloo) and in local mode (`num_workers=0`).
+`ray.train.report` blocks ~2 s here, so it is called once per epoch; step metrics go straight to MLflow
+from rank 0, batched.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from distalign_ray.config import FinetuneConfig
+from distalign_ray.data.specs import DistributionSpec
+from distalign_ray.data.steering import TrainingExample, build_steering_examples, prepare_steering_vocab
+from distalign_ray.models import ModelRef, load_model, load_tokenizer
+from distalign_ray.tracking.mlflow_store import StepLogger
+from distalign_ray.training.objective import hybrid_step_loss, sft_step_loss, steering_readout
+
+STATE_FILE = "training_state.pt"
+ADAPTER_DIR = "adapter"
+META_FILE = "distalign_meta.json"
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    if not _distributed():
+        return value
+    value = value.detach().clone()
+    torch.distributed.all_reduce(value)
+    return value / torch.distributed.get_world_size()
+
+
+def _lr_lambda(total_steps: int, warmup_ratio: float, min_ratio: float):
+    warmup = max(1, int(round(total_steps * warmup_ratio)))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _batches(examples: list, batch_size: int, seed: int, rank: int, world: int) -> list[list]:
+    """Shuffle (seeded, same on every rank), cut global batches, give each rank its slice.
+    A last partial batch is kept (the reference code silently dropped it)."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    out = []
+    for start in range(0, len(order), batch_size):
+        global_batch = order[start : start + batch_size]
+        local = global_batch[rank::world]
+        if not local:  # keep every rank stepping together (DDP needs equal step counts)
+            local = global_batch[:1]
+        out.append([examples[i] for i in local])
+    return out
+
+
+def build_lora(model, cfg: FinetuneConfig, extra_token_ids: list[int] | None):
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=list(cfg.lora.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+        # Added steering tokens need trainable embedding rows (only those rows, not the whole matrix).
+        trainable_token_indices={"embed_tokens": extra_token_ids} if extra_token_ids else None,
+    )
+    return get_peft_model(model, lora)
+
+
+def stage_plan(cfg: FinetuneConfig) -> list[tuple[str, int]]:
+    plan = [("sft", e) for e in range(cfg.sft_epochs)]
+    plan += [("align", e) for e in range(cfg.epochs)]
+    return plan
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    import ray.train
+
+    cfg = FinetuneConfig.model_validate(loop_config["finetune"])
+    spec = DistributionSpec.model_validate(loop_config["spec"]).subset(cfg.max_contexts)
+    model_ref = ModelRef(**loop_config["model_ref"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(cfg.seed + rank)
+
+    tokenizer = load_tokenizer(model_ref)
+    vocab = prepare_steering_vocab(tokenizer, spec, cfg.steering_tokens)
+    model = load_model(model_ref)
+    if vocab.added_special_tokens:
+        model.resize_token_embeddings(len(tokenizer))
+    model = build_lora(model, cfg, vocab.token_ids if vocab.added_special_tokens else None)
+    model.train()
+    examples = build_steering_examples(spec, tokenizer, vocab, cfg.templates)
+    sft_examples = [e for e in examples if e.desirable]
+    prompts = sorted({tuple(e.prompt_ids): e.target for e in examples}.items())
+    pad_id = tokenizer.pad_token_id
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if world > 1:
+        model = ray.train.torch.prepare_model(model, parallel_strategy="ddp")
+
+    plan = stage_plan(cfg)
+    steps_per_epoch = {
+        "sft": math.ceil(len(sft_examples) / cfg.batch_size),
+        "align": math.ceil(len(examples) / cfg.batch_size),
+    }
+    optimizers = {}
+
+    def optimizer_for(stage: str):
+        if stage not in optimizers:
+            lr = cfg.sft_lr if stage == "sft" else cfg.lr
+            total = steps_per_epoch[stage] * (cfg.sft_epochs if stage == "sft" else cfg.epochs)
+            opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=cfg.weight_decay)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, cfg.warmup_ratio, cfg.min_lr_ratio))
+            optimizers[stage] = (opt, sched)
+        return optimizers[stage]
+
+    start_index, global_step = 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / STATE_FILE, weights_only=False)
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            inner = getattr(model, "module", model)
+            set_peft_model_state_dict(inner, load_file(str(Path(folder) / ADAPTER_DIR / "adapter_model.safetensors")))
+            start_index, global_step = state["plan_index"] + 1, state["global_step"]
+            for stage, (opt_state, sched_state) in state["optimizers"].items():
+                opt, sched = optimizer_for(stage)
+                opt.load_state_dict(opt_state)
+                sched.load_state_dict(sched_state)
+
+    logger = StepLogger(loop_config.get("mlflow_run_id") if rank == 0 else None, loop_config.get("mlflow_uri"))
+    steering_ids = vocab.token_ids
+
+    for plan_index in range(start_index, len(plan)):
+        stage, epoch = plan[plan_index]
+        opt, sched = optimizer_for(stage)
+        data = sft_examples if stage == "sft" else examples
+        epoch_losses = []
+        for batch in _batches(data, cfg.batch_size, cfg.seed * 1000 + plan_index, rank, world):
+            if stage == "sft":
+                parts = sft_step_loss(model, batch, steering_ids, pad_id, cfg)
+            else:
+                parts = hybrid_step_loss(model, batch, steering_ids, pad_id, cfg, z0_reduce=_all_reduce_mean)
+            opt.zero_grad(set_to_none=True)
+            parts["loss"].backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            global_step += 1
+            epoch_losses.append(parts["loss"].item())
+            if global_step % cfg.log_every == 0:
+                metrics = {f"{stage}/{k}": float(v.detach()) for k, v in parts.items()}
+                metrics.update({f"{stage}/grad_norm": float(grad_norm), f"{stage}/lr": sched.get_last_lr()[0]})
+                logger.log(metrics, global_step)
+        metrics = _epoch_metrics(model, prompts, steering_ids, pad_id, epoch_losses, rank, world)
+        metrics.update(stage=stage, epoch=epoch, plan_index=plan_index, global_step=global_step)
+        logger.log({k: v for k, v in metrics.items() if isinstance(v, float)}, global_step)
+        logger.flush()
+        _report_with_checkpoint(model, tokenizer, vocab, spec, cfg, optimizers, metrics, rank, loop_config)
+
+
+def _epoch_metrics(model, prompts, steering_ids, pad_id, losses, rank, world) -> dict:
+    """Mean train loss and the steering-readout error on every prompt, reduced over workers."""
+    inner = getattr(model, "module", model)
+    inner.eval()
+    mine = prompts[rank::world]
+    probs = steering_readout(inner, [list(p) for p, _ in mine], steering_ids, pad_id) if mine else None
+    inner.train()
+    abs_err = torch.zeros(2)
+    if probs is not None:
+        targets = torch.tensor([t for _, t in mine])
+        abs_err[0] = (probs - targets).abs().mean(-1).sum()
+        abs_err[1] = len(mine)
+    loss = torch.tensor([sum(losses), len(losses)], dtype=torch.float32)
+    if _distributed():
+        torch.distributed.all_reduce(abs_err)
+        torch.distributed.all_reduce(loss)
+    return {
+        "train_loss": float(loss[0] / loss[1].clamp_min(1)),
+        "val_steering_mae": float(abs_err[0] / abs_err[1].clamp_min(1)),
+    }
+
+
+def adapter_meta(vocab, spec: DistributionSpec, cfg: FinetuneConfig, model_ref_name: str) -> dict:
+    return {
+        "steering_strings": vocab.strings,
+        "steering_token_ids": vocab.token_ids,
+        "added_special_tokens": vocab.added_special_tokens,
+        "categories": spec.categories,
+        "dataset": spec.name,
+        "base_model": model_ref_name,
+        "loss_mode": cfg.loss_mode,
+    }
+
+
+def _report_with_checkpoint(model, tokenizer, vocab, spec, cfg, optimizers, metrics, rank, loop_config) -> None:
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    folder = tempfile.mkdtemp(prefix="distalign-ckpt-")
+    try:
+        inner = getattr(model, "module", model)
+        inner.save_pretrained(os.path.join(folder, ADAPTER_DIR))
+        if vocab.added_special_tokens:
+            tokenizer.save_pretrained(os.path.join(folder, ADAPTER_DIR))
+        meta = adapter_meta(vocab, spec, cfg, loop_config["model_ref"]["name"])
+        Path(folder, ADAPTER_DIR, META_FILE).write_text(json.dumps(meta, indent=2))
+        torch.save(
+            {
+                "plan_index": metrics["plan_index"],
+                "global_step": metrics["global_step"],
+                "optimizers": {k: (o.state_dict(), s.state_dict()) for k, (o, s) in optimizers.items()},
+            },
+            os.path.join(folder, STATE_FILE),
+        )
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+    finally:
+        # A worker group's report copies the folder to storage; local mode keeps a reference to it.
+        if cfg.num_workers > 0:
+            shutil.rmtree(folder, ignore_errors=True)
