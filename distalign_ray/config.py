@@ -41,11 +41,13 @@ class FinetuneConfig(_Config):
         description="include the steering id in the SFT/KTO log-probs (the paper does; we leave the id to the KL)",
     )
     steering_tokens: Literal["auto", "digits", "special"] = "auto"
-    sft_epochs: int = Field(1, ge=0)
-    sft_lr: float = Field(1e-3, gt=0)
-    epochs: int = Field(3, ge=1, description="stage-2 epochs")
+    sft_epochs: int = Field(2, ge=0)
+    sft_lr: float = Field(2e-3, gt=0)
+    epochs: int = Field(5, ge=1, description="stage-2 epochs")
     lr: float = Field(2e-3, gt=0)
-    batch_size: int = Field(16, gt=0, description="global batch size (split over workers)")
+    prompts_per_batch: int = Field(
+        8, gt=0, description="prompts per global batch; each brings all its K x K steering examples (split over workers)"
+    )
     warmup_ratio: float = Field(0.1, ge=0, le=1)
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay floor, as a fraction of lr")
     max_grad_norm: float = Field(1.0, gt=0)

@@ -1,11 +1,14 @@
-"""The transformers engine: batched sampling, all n samples of a prompt in one `generate` call."""
+"""The transformers engine: the prompt is run once per request and its KV cache shared by all n
+samples (and by the readout rows), so one `generate` call draws every sample of a prompt."""
 
 from __future__ import annotations
+
+import copy
 
 import torch
 
 from distalign_ray.generation.base import GenerationEngine, GenerationResult, SamplingSettings, SteeringSetup
-from distalign_ray.scoring import collate_completions, score_completions
+from distalign_ray.scoring import EncodedPrompts, encode_prompts, score_encoded
 
 
 class HFEngine(GenerationEngine):
@@ -16,7 +19,7 @@ class HFEngine(GenerationEngine):
         self.sampling = sampling
 
     @torch.no_grad()
-    def readout(self, prompt_ids: list[int]) -> tuple[list[float], list[float] | None]:
+    def readout(self, prompt: EncodedPrompts) -> tuple[list[float], list[float] | None]:
         """(class distribution, steering-id distribution or None), from token probabilities only.
 
         Steered: P(class k) = sum_j P(id j) * P(answer k | id j), the binding normalised over the K
@@ -28,32 +31,36 @@ class HFEngine(GenerationEngine):
         if self.steering.steered:
             ids = self.steering.token_ids
             completions = [[ids[j]] + answers[c] for j in range(k) for c in range(k)]
-            scores = score_completions(self.model, collate_completions([prompt_ids] * len(completions), completions, pad))
-            id_probs = torch.softmax(scores.first_logits[0, ids], dim=-1)
-            answer_logps = scores.token_logps[:, 1:].sum(-1).view(k, k)  # [id j, answer c]
-            binding = torch.softmax(answer_logps, dim=-1)
+            logps = score_encoded(self.model, prompt, [0] * len(completions), completions, pad).token_logps
+            id_probs = torch.softmax(prompt.last_logits[0, ids], dim=-1)
+            binding = torch.softmax(logps[:, 1:].sum(-1).view(k, k), dim=-1)  # [id j, answer c]
             return (id_probs @ binding).tolist(), id_probs.tolist()
-        scores = score_completions(self.model, collate_completions([prompt_ids] * k, answers, pad))
-        return torch.softmax(scores.token_logps.sum(-1), dim=-1).tolist(), None
+        logps = score_encoded(self.model, prompt, [0] * k, answers, pad).token_logps
+        return torch.softmax(logps.sum(-1), dim=-1).tolist(), None
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[int], n: int, seed: int) -> GenerationResult:
-        readout, id_probs = self.readout(prompt_ids)
+        prompt = encode_prompts(self.model, [prompt_ids], self.tokenizer.pad_token_id)
+        cache = copy.deepcopy(prompt.cache)  # the readout consumes the prompt's own cache
+        readout, id_probs = self.readout(prompt)
         if n == 0:  # readout-only request
             return GenerationResult(texts=[], steering_indices=[], readout=readout)
+        cache.batch_repeat_interleave(n)
         generator = torch.Generator().manual_seed(seed)
         if self.steering.steered:
             chosen = torch.multinomial(torch.tensor(id_probs), n, replacement=True, generator=generator).tolist()
-            inputs = torch.tensor([prompt_ids + [self.steering.token_ids[j]] for j in chosen])
+            inputs = torch.tensor([prompt_ids + [self.steering.token_ids[j]] for j in chosen])  # id = 1st new token
         else:
             chosen = [-1] * n
             inputs = torch.tensor([prompt_ids] * n)
+            cache.crop(-1)  # generate needs at least one uncached input token
         # HF sampling draws from the global generator: seed it per request so results do not depend
         # on which actor runs the request or in what order.
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
         output = self.model.generate(
             input_ids=inputs,
             attention_mask=torch.ones_like(inputs),
+            past_key_values=cache,
             do_sample=True,
             temperature=self.sampling.temperature,
             top_p=self.sampling.top_p,

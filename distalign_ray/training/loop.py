@@ -22,6 +22,7 @@ from distalign_ray.data.specs import DistributionSpec
 from distalign_ray.data.steering import TrainingExample, build_steering_examples, prepare_steering_vocab
 from distalign_ray.models import ModelRef, load_model, load_tokenizer
 from distalign_ray.tracking.mlflow_store import StepLogger
+from distalign_ray.scoring import CompletionScorer
 from distalign_ray.training.objective import hybrid_step_loss, sft_step_loss, steering_readout
 
 STATE_FILE = "training_state.pt"
@@ -53,18 +54,23 @@ def _lr_lambda(total_steps: int, warmup_ratio: float, min_ratio: float):
     return factor
 
 
-def _batches(examples: list, batch_size: int, seed: int, rank: int, world: int) -> list[list]:
-    """Shuffle (seeded, same on every rank), cut global batches, give each rank its slice.
-    A last partial batch is kept (the reference code silently dropped it)."""
-    order = list(range(len(examples)))
+def group_by_prompt(examples: list[TrainingExample]) -> list[list[TrainingExample]]:
+    groups: dict[tuple, list] = {}
+    for example in examples:
+        groups.setdefault((example.context_index, example.template), []).append(example)
+    return list(groups.values())
+
+
+def batches(groups: list[list], prompts_per_batch: int, seed: int, rank: int, world: int) -> list[list]:
+    """Shuffle the prompt groups (seeded, same on every rank), cut global batches of whole groups,
+    give each rank its groups. A last partial batch is kept (the reference code dropped it)."""
+    order = list(range(len(groups)))
     random.Random(seed).shuffle(order)
     out = []
-    for start in range(0, len(order), batch_size):
-        global_batch = order[start : start + batch_size]
-        local = global_batch[rank::world]
-        if not local:  # keep every rank stepping together (DDP needs equal step counts)
-            local = global_batch[:1]
-        out.append([examples[i] for i in local])
+    for start in range(0, len(order), prompts_per_batch):
+        global_batch = order[start : start + prompts_per_batch]
+        local = global_batch[rank::world] or global_batch[:1]  # every rank steps together (DDP)
+        out.append([example for g in local for example in groups[g]])
     return out
 
 
@@ -108,19 +114,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model = build_lora(model, cfg, vocab.token_ids if vocab.added_special_tokens else None)
     model.train()
     examples = build_steering_examples(spec, tokenizer, vocab, cfg.templates)
-    sft_examples = [e for e in examples if e.desirable]
+    groups = {"align": group_by_prompt(examples), "sft": group_by_prompt([e for e in examples if e.desirable])}
+    group_size = vocab.num_classes**2
     prompts = sorted({tuple(e.prompt_ids): e.target for e in examples}.items())
     pad_id = tokenizer.pad_token_id
 
     trainable = [p for p in model.parameters() if p.requires_grad]
+    scorer = CompletionScorer(model, pad_id)
     if world > 1:
-        model = ray.train.torch.prepare_model(model, parallel_strategy="ddp")
+        scorer = ray.train.torch.prepare_model(scorer, parallel_strategy="ddp")
 
     plan = stage_plan(cfg)
-    steps_per_epoch = {
-        "sft": math.ceil(len(sft_examples) / cfg.batch_size),
-        "align": math.ceil(len(examples) / cfg.batch_size),
-    }
+    steps_per_epoch = {stage: math.ceil(len(g) / cfg.prompts_per_batch) for stage, g in groups.items()}
     optimizers = {}
 
     def optimizer_for(stage: str):
@@ -140,8 +145,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
 
-            inner = getattr(model, "module", model)
-            set_peft_model_state_dict(inner, load_file(str(Path(folder) / ADAPTER_DIR / "adapter_model.safetensors")))
+            set_peft_model_state_dict(model, load_file(str(Path(folder) / ADAPTER_DIR / "adapter_model.safetensors")))
             start_index, global_step = state["plan_index"] + 1, state["global_step"]
             for stage, (opt_state, sched_state) in state["optimizers"].items():
                 opt, sched = optimizer_for(stage)
@@ -154,13 +158,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     for plan_index in range(start_index, len(plan)):
         stage, epoch = plan[plan_index]
         opt, sched = optimizer_for(stage)
-        data = sft_examples if stage == "sft" else examples
         epoch_losses = []
-        for batch in _batches(data, cfg.batch_size, cfg.seed * 1000 + plan_index, rank, world):
+        for batch in batches(groups[stage], cfg.prompts_per_batch, cfg.seed * 1000 + plan_index, rank, world):
             if stage == "sft":
-                parts = sft_step_loss(model, batch, steering_ids, pad_id, cfg)
+                parts = sft_step_loss(scorer, batch, steering_ids, cfg)
             else:
-                parts = hybrid_step_loss(model, batch, steering_ids, pad_id, cfg, z0_reduce=_all_reduce_mean)
+                parts = hybrid_step_loss(scorer, batch, steering_ids, cfg, group_size, z0_reduce=_all_reduce_mean)
             opt.zero_grad(set_to_none=True)
             parts["loss"].backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
@@ -181,7 +184,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 def _epoch_metrics(model, prompts, steering_ids, pad_id, losses, rank, world) -> dict:
     """Mean train loss and the steering-readout error on every prompt, reduced over workers."""
-    inner = getattr(model, "module", model)
+    inner = model
     inner.eval()
     mine = prompts[rank::world]
     probs = steering_readout(inner, [list(p) for p, _ in mine], steering_ids, pad_id) if mine else None
@@ -221,8 +224,7 @@ def _report_with_checkpoint(model, tokenizer, vocab, spec, cfg, optimizers, metr
         return
     folder = tempfile.mkdtemp(prefix="distalign-ckpt-")
     try:
-        inner = getattr(model, "module", model)
-        inner.save_pretrained(os.path.join(folder, ADAPTER_DIR))
+        model.save_pretrained(os.path.join(folder, ADAPTER_DIR))
         if vocab.added_special_tokens:
             tokenizer.save_pretrained(os.path.join(folder, ADAPTER_DIR))
         meta = adapter_meta(vocab, spec, cfg, loop_config["model_ref"]["name"])

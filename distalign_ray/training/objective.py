@@ -1,7 +1,7 @@
 """One training step's loss from a batch of steering examples (torch only, no Ray).
 
-A single policy forward pass over (prompt, steering id, answer) rows gives both terms: the logits at
-the last prompt position for the steering KL, and the answer log-probs for KTO/SFT. The reference
+One policy pass gives both terms: each prompt's last-position logits for the steering KL and the
+answer log-probs for KTO/SFT (prompts shared by several rows run once, see `scoring`). The reference
 model is the same network with the LoRA adapter disabled (no second copy in memory).
 """
 
@@ -14,7 +14,18 @@ import torch
 from distalign_ray.data.steering import TrainingExample
 from distalign_ray.losses import HybridLossWeights, combine_losses, kto_loss, sft_loss, steering_kl_loss
 from distalign_ray.losses.hybrid import LOSS_MODES
-from distalign_ray.scoring import collate_completions, score_completions
+from distalign_ray.scoring import encode_prompts
+
+
+def unwrap(scorer):
+    """The CompletionScorer inside a possible DDP wrapper."""
+    return getattr(scorer, "module", scorer)
+
+
+def reference_disabled(scorer):
+    """Context manager running the scorer's peft model as the reference (adapter off)."""
+    inner = unwrap(scorer).model
+    return inner.disable_adapter() if hasattr(inner, "disable_adapter") else nullcontext()
 
 
 def _completion(example: TrainingExample, steering_token_ids: list[int], answer: list[int] | None = None) -> list[int]:
@@ -22,77 +33,63 @@ def _completion(example: TrainingExample, steering_token_ids: list[int], answer:
     return prefix + list(example.answer_ids if answer is None else answer)
 
 
-def _scored_logps(scores, batch, has_steering: bool, score_steering_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs over the scored completion tokens, and their per-token mask."""
-    mask = batch.completion_mask.clone()
+def _scored_mask(completion_mask: torch.Tensor, has_steering: bool, score_steering_token: bool) -> torch.Tensor:
+    mask = completion_mask.clone()
     if has_steering and not score_steering_token:
         mask[:, 0] = 0  # the steering id is the KL term's business, not the answer binding's
-    return (scores.token_logps * mask).sum(-1), mask
+    return mask
 
 
-def reference_disabled(model):
-    """Context manager running `model` (a peft model, possibly DDP-wrapped) as the reference."""
-    inner = getattr(model, "module", model)
-    return inner.disable_adapter() if hasattr(inner, "disable_adapter") else nullcontext()
+def mismatched_answers(examples: list[TrainingExample], group_size: int) -> list[list[int]]:
+    """TRL's KL pairs: each row keeps its prompt (and steering id) and takes another row's answer.
+    Rows come in per-prompt groups, so rotating by a whole group pairs every prompt with the same
+    set of answers it is trained on, but from a different prompt (rotate by one within a lone group)."""
+    shift = group_size if len(examples) > group_size else 1
+    return [examples[(i - shift) % len(examples)].answer_ids for i in range(len(examples))]
 
 
-def sft_step_loss(model, examples: list[TrainingExample], steering_token_ids: list[int], pad_id: int, cfg) -> dict:
-    batch = collate_completions(
-        [e.prompt_ids for e in examples], [_completion(e, steering_token_ids) for e in examples], pad_id
+def sft_step_loss(scorer, examples: list[TrainingExample], steering_token_ids: list[int], cfg) -> dict:
+    _, token_logps, completion_mask = scorer(
+        [e.prompt_ids for e in examples], [_completion(e, steering_token_ids) for e in examples]
     )
-    scores = score_completions(model, batch)
-    has_steering = examples[0].steering_index is not None
-    _, mask = _scored_logps(scores, batch, has_steering, cfg.score_steering_token)
-    loss = sft_loss(scores.token_logps, mask)
+    mask = _scored_mask(completion_mask, examples[0].steering_index is not None, cfg.score_steering_token)
+    loss = sft_loss(token_logps, mask)
     return {"loss": loss, "sft": loss.detach()}
 
 
 def hybrid_step_loss(
-    model,
-    examples: list[TrainingExample],
-    steering_token_ids: list[int],
-    pad_id: int,
-    cfg,
-    z0_reduce=None,
+    scorer, examples: list[TrainingExample], steering_token_ids: list[int], cfg, group_size: int, z0_reduce=None
 ) -> dict:
-    """Loss of `cfg.loss_mode` on one batch; returns the total and detached components."""
+    """Loss of `cfg.loss_mode` on one batch of per-prompt groups; the total and detached components."""
     use_kl, use_kto = LOSS_MODES[cfg.loss_mode]
-    prompts = [e.prompt_ids for e in examples]
-    batch = collate_completions(prompts, [_completion(e, steering_token_ids) for e in examples], pad_id)
-    scores = score_completions(model, batch)
     has_steering = examples[0].steering_index is not None
+    prompts = [e.prompt_ids for e in examples]
+    completions = [_completion(e, steering_token_ids) for e in examples]
+    if use_kto:  # the mismatched rows ride along in the same pass; they are only used detached
+        rotated = mismatched_answers(examples, group_size)
+        prompts = prompts + prompts
+        completions = completions + [_completion(e, steering_token_ids, a) for e, a in zip(examples, rotated)]
+    first_logits, token_logps, completion_mask = scorer(prompts, completions)
+    mask = _scored_mask(completion_mask, has_steering, cfg.score_steering_token)
+    rows = len(examples)
     out = {}
     kl = kto = None
     if use_kl:
         targets = torch.tensor([e.target for e in examples], dtype=torch.float32)
-        kl = steering_kl_loss(
-            scores.first_logits, torch.tensor(steering_token_ids), targets, cfg.kl_normalization
-        )
+        kl = steering_kl_loss(first_logits[:rows], torch.tensor(steering_token_ids), targets, cfg.kl_normalization)
         out["steering_kl"] = kl.detach()
     if use_kto:
-        policy_logps, _ = _scored_logps(scores, batch, has_steering, cfg.score_steering_token)
-        # TRL's mismatched pairs: rotate answers by one within the batch, keep each row's prompt and id.
-        rotated = [examples[i - 1].answer_ids for i in range(len(examples))]
-        kl_batch = collate_completions(
-            prompts, [_completion(e, steering_token_ids, a) for e, a in zip(examples, rotated)], pad_id
-        )
-        with torch.no_grad():
-            policy_mismatched, _ = _scored_logps(
-                score_completions(model, kl_batch), kl_batch, has_steering, cfg.score_steering_token
-            )
-            with reference_disabled(model):
-                reference_logps, _ = _scored_logps(
-                    score_completions(model, batch), batch, has_steering, cfg.score_steering_token
-                )
-                reference_mismatched, _ = _scored_logps(
-                    score_completions(model, kl_batch), kl_batch, has_steering, cfg.score_steering_token
-                )
+        logps = (token_logps * mask).sum(-1)
+        with torch.no_grad(), reference_disabled(scorer):
+            _, ref_token_logps, _ = unwrap(scorer)(prompts, completions)
+            reference = (ref_token_logps * mask).sum(-1)
+        desirable = torch.tensor([e.desirable for e in examples])
         result = kto_loss(
-            policy_logps,
-            reference_logps,
-            torch.tensor([e.desirable for e in examples]),
-            policy_mismatched,
-            reference_mismatched,
+            logps[:rows],
+            reference[:rows],
+            desirable,
+            logps[rows:].detach(),
+            reference[rows:],
             beta=cfg.beta,
             desirable_weight=cfg.desirable_weight,
             undesirable_weight=cfg.undesirable_weight,
@@ -100,7 +97,6 @@ def hybrid_step_loss(
         )
         kto = result.loss
         out.update(kto=kto.detach(), kto_z0=result.z0.detach())
-        desirable = torch.tensor([e.desirable for e in examples])
         if desirable.any():
             out["reward_desirable"] = result.rewards[desirable].mean()
         if (~desirable).any():
@@ -114,9 +110,6 @@ def steering_readout(model, prompts: list[list[int]], steering_token_ids: list[i
     """P(steering id | prompt), renormalised over the ids: the distribution inference samples from."""
     rows = []
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        # A dummy one-token completion: we only need the logits at the last prompt position.
-        batch = collate_completions(chunk, [[steering_token_ids[0]]] * len(chunk), pad_id)
-        logits = score_completions(model, batch).first_logits
+        logits = encode_prompts(model, prompts[start : start + batch_size], pad_id).last_logits
         rows.append(torch.softmax(logits[:, steering_token_ids], dim=-1))
     return torch.cat(rows)

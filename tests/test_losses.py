@@ -1,0 +1,95 @@
+"""Losses against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from distalign_ray.losses import HybridLossWeights, combine_losses, kto_loss, sft_loss, steering_kl_loss
+
+
+def test_steering_kl_renormalised_over_ids():
+    logits = torch.tensor([[math.log(1.0), math.log(3.0), 5.0]])  # vocab of 3, ids 0 and 1 steer
+    target = torch.tensor([[0.5, 0.5]])
+    # model over ids: [0.25, 0.75]
+    expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert steering_kl_loss(logits, torch.tensor([0, 1]), target).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_steering_kl_full_vocabulary_variant():
+    logits = torch.tensor([[math.log(1.0), math.log(3.0), math.log(4.0)]])
+    target = torch.tensor([[0.5, 0.5]])
+    # full softmax: [1/8, 3/8, 4/8]
+    expected = 0.5 * math.log(0.5 / 0.125) + 0.5 * math.log(0.5 / 0.375)
+    got = steering_kl_loss(logits, torch.tensor([0, 1]), target, normalization="vocab").item()
+    assert got == pytest.approx(expected, rel=1e-6)
+
+
+def test_steering_kl_zero_target_terms_and_batch_mean():
+    logits = torch.tensor([[0.0, 0.0], [0.0, math.log(3.0)]])
+    target = torch.tensor([[1.0, 0.0], [0.25, 0.75]])
+    row0 = math.log(1 / 0.5)
+    row1 = 0.25 * math.log(0.25 / 0.25) + 0.75 * math.log(0.75 / 0.75)
+    assert steering_kl_loss(logits, torch.tensor([0, 1]), target).item() == pytest.approx((row0 + row1) / 2)
+    assert steering_kl_loss(logits[1:], torch.tensor([0, 1]), target[1:]).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def _sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def test_kto_hand_computed_with_positive_reference_point():
+    policy = torch.tensor([-1.0, -2.0, -3.0])
+    reference = torch.tensor([-1.5, -1.0, -3.0])
+    desirable = torch.tensor([True, False, True])
+    mismatched_policy = torch.tensor([-4.0, -5.0, -6.0])
+    mismatched_reference = torch.tensor([-5.0, -5.0, -6.5])
+    beta, wd, wu = 0.5, 1.2, 0.8
+    z0 = (1.0 + 0.0 + 0.5) / 3
+    ratios = [0.5, -1.0, 0.0]
+    expected = [
+        wd * (1 - _sigmoid(beta * (ratios[0] - z0))),
+        wu * (1 - _sigmoid(beta * (z0 - ratios[1]))),
+        wd * (1 - _sigmoid(beta * (ratios[2] - z0))),
+    ]
+    out = kto_loss(policy, reference, desirable, mismatched_policy, mismatched_reference, beta, wd, wu)
+    assert out.z0.item() == pytest.approx(z0)
+    assert out.per_example.tolist() == pytest.approx(expected, rel=1e-6)
+    assert out.loss.item() == pytest.approx(sum(expected) / 3, rel=1e-6)
+
+
+def test_kto_reference_point_is_clamped_and_detached():
+    policy = torch.tensor([-1.0, -2.0], requires_grad=True)
+    mismatched_policy = torch.tensor([-9.0, -9.0], requires_grad=True)
+    out = kto_loss(policy, torch.tensor([-1.0, -2.0]), torch.tensor([True, False]), mismatched_policy, torch.tensor([-1.0, -1.0]))
+    assert out.z0.item() == 0.0  # raw z0 = -8, clamped
+    assert out.loss.item() == pytest.approx(0.5)  # ratios 0, z0 0: both losses 1 - sigmoid(0)
+    out.loss.backward()
+    assert mismatched_policy.grad is None  # z0 carries no gradient
+    assert policy.grad is not None
+
+
+def test_sft_is_mean_of_per_example_token_means():
+    token_logps = torch.tensor([[-1.0, -3.0, 0.0], [-2.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert sft_loss(token_logps, mask).item() == pytest.approx((2.0 + 2.0) / 2)
+
+
+def test_hybrid_weights_and_ablations():
+    kl, kto = torch.tensor(2.0), torch.tensor(3.0)
+    weights = HybridLossWeights(kl_weight=0.5, kto_weight=2.0)
+    assert combine_losses("hybrid", weights, kl, kto).item() == pytest.approx(7.0)
+    assert combine_losses("kl_only", weights, kl, None).item() == pytest.approx(1.0)
+    assert combine_losses("kto_only", weights, None, kto).item() == pytest.approx(6.0)
+    with pytest.raises(ValueError):
+        combine_losses("dpo", weights, kl, kto)
+
+
+def test_losses_package_does_not_import_ray():
+    import subprocess
+    import sys
+
+    code = "import sys, distalign_ray.losses; assert not any(m == 'ray' or m.startswith('ray.') for m in sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True)

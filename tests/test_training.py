@@ -1,0 +1,81 @@
+"""Fine-tuning: local mode for the loop logic, a real 2-worker Ray Train run for DDP + checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+import torch
+
+from distalign_ray.config import FinetuneConfig
+from distalign_ray.data.specs import load_dataset
+from distalign_ray.data.steering import prepare_steering_vocab
+from distalign_ray.models import ModelRef, load_model, load_tokenizer
+from distalign_ray.training.finetune import read_adapter_meta, run_finetune
+from distalign_ray.training.objective import steering_readout
+
+
+def _readout_mae(model_path: str, adapter: str | None, spec) -> float:
+    from distalign_ray.data.prompts import build_prompts, chat_prompt_ids
+
+    ref = ModelRef(name="tiny", path=model_path, is_local=True)
+    tokenizer = load_tokenizer(ref)
+    model = load_model(ref, adapter).eval()
+    vocab = prepare_steering_vocab(tokenizer, spec)
+    rows = build_prompts(spec, "attribute")
+    probs = steering_readout(model, [chat_prompt_ids(tokenizer, r) for r in rows], vocab.token_ids, tokenizer.pad_token_id)
+    targets = torch.tensor([spec.targets[r.context_index] for r in rows])
+    return float((probs - targets).abs().mean())
+
+
+def test_local_mode_hybrid_moves_steering_distribution(tiny_model_path, tmp_path, mlflow_uri):
+    spec = load_dataset("gender-us-real").subset(4)
+    cfg = FinetuneConfig(model=tiny_model_path, num_workers=0, epochs=3, sft_epochs=1, prompts_per_batch=2, lr=5e-3, lora={"r": 8, "alpha": 16})
+    before = _readout_mae(tiny_model_path, None, spec)
+    result = run_finetune(spec, cfg, tmp_path / "adapter")
+    after = _readout_mae(tiny_model_path, str(tmp_path / "adapter"), spec)
+    assert after < before * 0.7, (before, after)
+    assert result["metrics"]["val_steering_mae"] == pytest.approx(after, abs=1e-4)
+    meta = read_adapter_meta(tmp_path / "adapter")
+    assert meta["steering_token_ids"] == [32, 33] and meta["categories"] == ["male", "female"]
+
+
+def test_output_folder_is_never_overwritten(tiny_model_path, tmp_path, mlflow_uri):
+    from distalign_ray.errors import DistalignError
+
+    output = tmp_path / "taken"
+    output.mkdir()
+    (output / "keep.txt").write_text("precious")
+    with pytest.raises(DistalignError, match="already exists"):
+        run_finetune(load_dataset("gender-us-real"), FinetuneConfig(model=tiny_model_path, num_workers=0), output)
+    assert (output / "keep.txt").read_text() == "precious"
+
+
+@pytest.mark.slow
+def test_two_ray_train_workers_loss_down_checkpoint_restorable(ray_cluster, tiny_model_path, tmp_path, mlflow_uri):
+    from ray.train import Checkpoint
+
+    from distalign_ray.tracking.mlflow_store import start_run
+    from distalign_ray.training.loop import ADAPTER_DIR, STATE_FILE
+
+    spec = load_dataset("gender-uk-even").subset(4)
+    cfg = FinetuneConfig(model=tiny_model_path, num_workers=2, epochs=3, sft_epochs=1, prompts_per_batch=2, lr=5e-3)
+    with start_run("train-test") as run:
+        result = run_finetune(spec, cfg, tmp_path / "adapter", mlflow_run_id=run.info.run_id)
+    history = mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "align/loss")
+    losses = [m.value for m in sorted(history, key=lambda m: m.step)]
+    assert len(losses) == 3 * 4  # 3 epochs x (8 prompts / 2 per batch)
+    assert sum(losses[-4:]) < sum(losses[:4])
+    readout = mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "val_steering_mae")
+    assert len(readout) == 4  # one per epoch (1 SFT + 3 aligned)
+    # The last checkpoint in Ray storage restores to the adapter that was installed.
+    run_dirs = sorted((tmp_path / "home" / "ray_results").glob("finetune-*"))
+    checkpoints = sorted(run_dirs[-1].glob("checkpoint_*"))
+    assert len(checkpoints) == 2  # num_to_keep
+    with Checkpoint.from_directory(str(checkpoints[-1])).as_directory() as folder:
+        state = torch.load(f"{folder}/{STATE_FILE}", weights_only=False)
+        assert state["plan_index"] == 3 and "align" in state["optimizers"]
+        restored = _readout_mae(tiny_model_path, f"{folder}/{ADAPTER_DIR}", spec)
+    assert restored == pytest.approx(result["metrics"]["val_steering_mae"], abs=1e-4)
+    assert json.loads((tmp_path / "adapter" / "distalign_meta.json").read_text())["dataset"] == "gender-uk-even"
