@@ -24,7 +24,7 @@ def _load_config_file(path: str | None, section: str) -> dict:
         raise DistalignError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(document, dict):
         raise DistalignError(f"config {path}: expected a mapping")
-    return document.get(section, document if section == "quickstart" else {})
+    return document.get(section, document if section in ("quickstart", "compare") else {})
 
 
 def _validated(model_cls, values: dict, origin: str):
@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     _spec_args(ft)
     ft.add_argument("--model", help="alias (smollm2-135m), local HF folder, or hub id")
     ft.add_argument("--output", required=True, help="adapter folder to create (must not exist or be empty)")
-    ft.add_argument("--loss-mode", dest="loss_mode", choices=["hybrid", "kl_only", "kto_only"])
+    ft.add_argument("--loss-mode", dest="loss_mode", choices=["hybrid", "kl_only", "kto_only", "ift", "dpo"],
+                    help="steering methods (hybrid, kl_only, kto_only) or baselines (ift, dpo)")
+    ft.add_argument("--init-adapter", dest="init_adapter", help="start from a saved adapter (e.g. DPO from IFT)")
     ft.add_argument("--epochs", type=int, help="stage-2 epochs")
     ft.add_argument("--num-workers", dest="num_workers", type=int, help="Ray Train workers (0 = local mode)")
     ft.add_argument("--max-contexts", dest="max_contexts", type=int)
@@ -90,7 +92,33 @@ def build_parser() -> argparse.ArgumentParser:
     qs.add_argument("--model", help="model to start from (default: the embedded smollm2-135m)")
     qs.add_argument("--output", help="adapter folder to create")
     qs.add_argument("--config", help="YAML with quickstart fields (dataset, finetune:, estimate:)")
+    cmp = sub.add_parser("compare", help="methods x datasets x tasks into one MLflow parent run (resumable)")
+    cmp.add_argument("--name", help="comparison name; rerunning the same name resumes and skips finished cells")
+    cmp.add_argument("--datasets", nargs="+", help="dataset names (default: gender-uk-real gender-us-real)")
+    cmp.add_argument("--methods", nargs="+", help="zero-shot prompt-engineering ift dpo hybrid kl_only kto_only (default: all)")
+    cmp.add_argument("--tasks", nargs="+", choices=["attribute", "story"], help="default: attribute")
+    cmp.add_argument("--samples", dest="samples_per_context", type=int, help="samples per context (budget)")
+    cmp.add_argument("--epochs", type=int, help="training epochs of every method (budget)")
+    cmp.add_argument("--max-contexts", dest="max_contexts", type=int, help="first N contexts only (budget)")
+    cmp.add_argument("--estimator", choices=["sample", "readout"], help="readout: attribute task only")
+    cmp.add_argument("--report", help="also write a Markdown results report to this file (e.g. docs/results.md)")
+    cmp.add_argument("--config", help="YAML with CompareConfig fields (name, datasets, methods, tasks, finetune:, estimate:)")
     return parser
+
+
+def cmd_compare(args) -> int:
+    from distalign_ray.compare import CompareConfig, run_compare
+
+    values = _load_config_file(args.config, "compare") if args.config else {}
+    values.update(_overrides(args, ["name", "datasets", "methods", "tasks"]))
+    cfg = _validated(CompareConfig, values, "compare config")
+    finetune = cfg.finetune.model_dump() | _overrides(args, ["max_contexts"])
+    if args.epochs is not None:
+        finetune.update(epochs=args.epochs, sft_epochs=min(cfg.finetune.sft_epochs, args.epochs))
+    estimate = cfg.estimate.model_dump() | _overrides(args, ["samples_per_context", "max_contexts", "estimator"])
+    cfg = _validated(CompareConfig, cfg.model_dump() | {"finetune": finetune, "estimate": estimate}, "compare config")
+    run_compare(cfg, report=args.report)
+    return 0
 
 
 def cmd_datasets(args) -> int:
@@ -133,7 +161,8 @@ def cmd_estimate(args) -> int:
     r = result.report
     print(f"{spec.name} {result.method} ({cfg.estimator}): MAE {r.mae:.4f} [{r.mae_ci_low:.4f}, {r.mae_ci_high:.4f}] "
           f"KL {r.kl:.4f} JS {r.js:.4f} unmatched {r.unmatched_rate:.1%} noise floor {r.noise_floor_mae:.4f} "
-          f"readout MAE {result.readout.mae:.4f}; MLflow run {result.run_id}; samples {result.samples_path}")
+          + (f"readout MAE {result.readout.mae:.4f}; " if result.readout is not None else "")
+          + f"MLflow run {result.run_id}; samples {result.samples_path}")
     return 0
 
 
@@ -146,7 +175,7 @@ def cmd_finetune(args) -> int:
     from distalign_ray.training.finetune import run_finetune, validate_finetune
 
     values = _load_config_file(args.config, "finetune")
-    values.update(_overrides(args, ["model", "loss_mode", "epochs", "num_workers", "max_contexts", "seed"]))
+    values.update(_overrides(args, ["model", "loss_mode", "init_adapter", "epochs", "num_workers", "max_contexts", "seed"]))
     cfg = _validated(FinetuneConfig, values, "finetune config")
     spec = load_spec(args.dataset, args.spec)
     check_tracking()
@@ -172,7 +201,13 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
-COMMANDS = {"estimate": cmd_estimate, "finetune": cmd_finetune, "datasets": cmd_datasets, "quickstart": cmd_quickstart}
+COMMANDS = {
+    "estimate": cmd_estimate,
+    "finetune": cmd_finetune,
+    "datasets": cmd_datasets,
+    "quickstart": cmd_quickstart,
+    "compare": cmd_compare,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,10 +27,12 @@ class FinetuneConfig(_Config):
     """Stage 1 (SFT on desirable answers) then stage 2 (steering KL + KTO)."""
 
     model: str = Field("smollm2-135m", description="alias, local HF folder, or hub id")
-    loss_mode: str = Field("hybrid", description=f"one of {sorted(LOSS_MODES)}")
+    loss_mode: str = Field("hybrid", description="hybrid, kl_only, kto_only (steering) or the baselines ift, dpo")
+    init_adapter: str | None = Field(None, description="start from this saved adapter (DPO starts from IFT's)")
+    answers_per_prompt: int = Field(10, gt=0, description="IFT answers / DPO pairs per prompt, in target proportions")
     kl_weight: float = Field(1.0, ge=0, description="weight of the steering KL term")
     kto_weight: float = Field(1.0, ge=0, description="weight of the KTO term")
-    beta: float = Field(0.1, gt=0, description="KTO beta")
+    beta: float = Field(0.1, gt=0, description="KTO (and DPO) beta")
     desirable_weight: float = Field(1.0, gt=0, description="KTO lambda_D")
     undesirable_weight: float = Field(1.0, gt=0, description="KTO lambda_U")
     kl_normalization: Literal["steering", "vocab"] = Field(
@@ -63,8 +65,8 @@ class FinetuneConfig(_Config):
 
     @model_validator(mode="after")
     def _check_mode(self) -> "FinetuneConfig":
-        if self.loss_mode not in LOSS_MODES:
-            raise ValueError(f"loss_mode must be one of {sorted(LOSS_MODES)}")
+        if self.loss_mode not in (*LOSS_MODES, "ift", "dpo"):
+            raise ValueError(f"loss_mode must be one of {sorted(LOSS_MODES) + ['dpo', 'ift']}")
         return self
 
 
@@ -75,8 +77,8 @@ class EstimateConfig(_Config):
     estimator: Literal["sample", "readout"] = "sample"
     samples_per_context: int | None = Field(None, gt=0, description="default: the spec's value")
     samples_per_request: int = Field(25, gt=0, description="samples drawn by one generate() call")
-    max_new_tokens: int = Field(12, gt=0)
-    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int | None = Field(None, gt=0, description="default: 12 for attributes, 96 for stories")
+    temperature: float = Field(1.0, ge=0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0, le=1)
     engine: Literal["hf"] = "hf"
     num_actors: int = Field(2, ge=1)
@@ -84,4 +86,11 @@ class EstimateConfig(_Config):
     prompt_engineering: bool = False
     max_contexts: int | None = Field(None, gt=0)
     bootstrap_resamples: int = Field(1000, gt=0)
+    story_classifier: Literal["auto", "lexical", "judge"] = Field(
+        "auto", description="stories: lexical word counts (gender only) or the LLM judge; auto = lexical for gender"
+    )
+    judge_model: str = Field("smollm2-135m", description="judge model (any alias, folder or hub id)")
+
+    def new_tokens(self) -> int:
+        return self.max_new_tokens or (96 if self.task == "story" else 12)
     seed: int = 0

@@ -36,7 +36,7 @@ class EstimatePlan:
 @dataclass
 class EstimateResult:
     report: DistributionReport
-    readout: DistributionReport
+    readout: DistributionReport | None
     readout_sample_diff: float | None
     samples_path: Path | None
     run_id: str | None
@@ -45,7 +45,8 @@ class EstimateResult:
 
     def summary(self) -> dict:
         out = dict(self.report.metrics())
-        out["readout_mae"] = self.readout.mae
+        if self.readout is not None:
+            out["readout_mae"] = self.readout.mae
         if self.readout_sample_diff is not None:
             out["readout_sample_diff"] = self.readout_sample_diff
         return out
@@ -62,6 +63,10 @@ def split_evenly(total: int, parts: int) -> list[int]:
 def plan_estimate(spec: DistributionSpec, cfg: EstimateConfig) -> EstimatePlan:
     """All validation and request building; no model weights are loaded here."""
     spec = spec.subset(cfg.max_contexts)
+    if cfg.task == "story" and cfg.estimator == "readout":
+        raise DistalignError("the readout estimator is available for the attribute task only")
+    if cfg.task == "story" and story_classifier_kind(spec, cfg) == "lexical" and spec.attribute != "gender":
+        raise DistalignError(f"the lexical story classifier handles gender only; use story_classifier=judge for {spec.attribute}")
     model_ref = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_ref)
     answer_ids = [tokenizer(spec.answers[c], add_special_tokens=False)["input_ids"] for c in spec.categories]
@@ -77,7 +82,7 @@ def plan_estimate(spec: DistributionSpec, cfg: EstimateConfig) -> EstimatePlan:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(cfg.adapter)
-        steering = SteeringSetup(token_ids=list(meta["steering_token_ids"]), answer_ids=answer_ids)
+        steering = SteeringSetup(token_ids=list(meta["steering_token_ids"]) or None, answer_ids=answer_ids)
         method = meta.get("loss_mode", "adapter")
     else:
         steering = SteeringSetup(token_ids=None, answer_ids=answer_ids)
@@ -107,13 +112,61 @@ def plan_estimate(spec: DistributionSpec, cfg: EstimateConfig) -> EstimatePlan:
     return EstimatePlan(spec=spec, cfg=cfg, model_ref=model_ref, steering=steering, method=method, requests=requests)
 
 
-def _samples_table(rows: list[dict], classifier: LexicalClassifier):
+def story_classifier_kind(spec: DistributionSpec, cfg: EstimateConfig) -> str:
+    if cfg.story_classifier != "auto":
+        return cfg.story_classifier
+    return "lexical" if spec.attribute == "gender" else "judge"
+
+
+def _judge_labels(spec: DistributionSpec, cfg: EstimateConfig, texts: list[str]) -> list[int | None]:
+    """Classify stories with the judge model, through the same Ray Data engine pipeline (greedy)."""
+    from distalign_ray.evaluation.story import judge_prompt, parse_judge_reply
+    from distalign_ray.generation.pipeline import run_requests
+
+    judge_ref = resolve_model(cfg.judge_model)
+    tokenizer = load_tokenizer(judge_ref)
+    requests = []
+    for i, text in enumerate(texts):
+        messages = [{"role": "user", "content": judge_prompt(spec.attribute, spec.categories, text)}]
+        ids = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        requests.append({"request_id": i, "prompt_ids": ids, "n": 1, "seed": 0})
+    answers = [tokenizer(spec.answers[c], add_special_tokens=False)["input_ids"] for c in spec.categories]
+    rows = run_requests(
+        requests, judge_ref.__dict__, None, SteeringSetup(token_ids=None, answer_ids=answers),
+        SamplingSettings(max_new_tokens=8, temperature=0.0), cfg.num_actors, cfg.cpus_per_actor, cfg.engine,
+    )
+    return [parse_judge_reply(str(r["texts"][0]), spec.categories, spec.aliases) for r in rows]
+
+
+def classify_texts(spec: DistributionSpec, cfg: EstimateConfig, texts: list[str]) -> tuple[list[int | None], dict]:
+    """Labels for every text, and extra metrics (judge agreement with the lexical classifier)."""
+    if cfg.task == "attribute":
+        classifier = LexicalClassifier(spec.categories, spec.aliases)
+        return [classifier(t) for t in texts], {}
+    from distalign_ray.evaluation.story import GenderLexicon
+
+    lexical = [GenderLexicon(spec.categories)(t) for t in texts] if spec.attribute == "gender" else None
+    if story_classifier_kind(spec, cfg) == "lexical":
+        return lexical, {}
+    judged = _judge_labels(spec, cfg, texts)
+    extra = {"judge_unmatched_rate": sum(j is None for j in judged) / max(1, len(judged))}
+    if lexical is not None:
+        both = [(j, l) for j, l in zip(judged, lexical) if j is not None and l is not None]
+        extra["judge_lexical_agreement"] = sum(j == l for j, l in both) / len(both) if both else float("nan")
+    return judged, extra
+
+
+def _samples_table(rows: list[dict], spec: DistributionSpec, cfg: EstimateConfig):
     import pyarrow as pa
 
     columns = {name: [] for name in SAMPLE_COLUMNS}
+    texts = [str(t) for row in rows for t in row["texts"]]
+    labels, extra = classify_texts(spec, cfg, texts)
+    position = 0
     for row in rows:
         for text, steering_id in zip(row["texts"], row["steering_indices"]):
-            label = classifier(str(text))
+            label = labels[position]
+            position += 1
             columns["context_index"].append(int(row["context_index"]))
             columns["context"].append(str(row["context"]))
             columns["template"].append(str(row["template"]))
@@ -121,8 +174,8 @@ def _samples_table(rows: list[dict], classifier: LexicalClassifier):
             columns["seed"].append(int(row["seed"]))
             columns["steering_id"].append(int(steering_id))
             columns["text"].append(str(text))
-            columns["label"].append(None if label is None else classifier.categories[label])
-    return pa.table(columns)
+            columns["label"].append(None if label is None else spec.categories[label])
+    return pa.table(columns), extra
 
 
 def execute_plan(plan: EstimatePlan) -> tuple[list[dict], float]:
@@ -131,7 +184,7 @@ def execute_plan(plan: EstimatePlan) -> tuple[list[dict], float]:
 
     init_ray()
     started = time.time()
-    sampling = SamplingSettings(plan.cfg.max_new_tokens, plan.cfg.temperature, plan.cfg.top_p)
+    sampling = SamplingSettings(plan.cfg.new_tokens(), plan.cfg.temperature, plan.cfg.top_p)
     rows = run_requests(
         plan.requests,
         plan.model_ref.__dict__,
@@ -145,7 +198,8 @@ def execute_plan(plan: EstimatePlan) -> tuple[list[dict], float]:
     return rows, time.time() - started
 
 
-def summarize(plan: EstimatePlan, rows: list[dict], output_dir: Path) -> tuple[DistributionReport, DistributionReport, float | None, Path | None]:
+def summarize(plan: EstimatePlan, rows: list[dict], output_dir: Path):
+    """(sampled report, readout report or None for stories, their difference, sample table path, extra metrics)"""
     import pyarrow.parquet as pq
 
     spec, cfg = plan.spec, plan.cfg
@@ -161,9 +215,8 @@ def summarize(plan: EstimatePlan, rows: list[dict], output_dir: Path) -> tuple[D
     readout /= np.maximum(seen, 1)[:, None]
     readout_rep = readout_report(readout, targets)
     if cfg.estimator == "readout":
-        return readout_rep, readout_rep, None, None
-    classifier = LexicalClassifier(spec.categories, spec.aliases)
-    table = _samples_table(rows, classifier)
+        return readout_rep, readout_rep, None, None, {}
+    table, extra = _samples_table(rows, spec, cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
     samples_path = output_dir / "samples.parquet"
     pq.write_table(table, samples_path)
@@ -174,21 +227,25 @@ def summarize(plan: EstimatePlan, rows: list[dict], output_dir: Path) -> tuple[D
     for o, label in zip(context_col, label_col):
         labels[o].append(-1 if label is None else index[label])
     report = distribution_report([np.array(l, dtype=int) for l in labels], targets, cfg.bootstrap_resamples, cfg.seed)
+    if cfg.task != "attribute":  # answer-token readout is not defined for free-form stories
+        return report, None, None, samples_path, extra
     diff = float(np.abs(report.estimates - readout).mean())
-    return report, readout_rep, diff, samples_path
+    return report, readout_rep, diff, samples_path, extra
 
 
-def per_context_table(spec: DistributionSpec, report: DistributionReport, readout: DistributionReport) -> list[dict]:
+def per_context_table(spec: DistributionSpec, report: DistributionReport, readout: DistributionReport | None) -> list[dict]:
     rows = []
     for o, context in enumerate(spec.contexts):
         row = {"context": context}
         for k, category in enumerate(spec.categories):
             row[f"target_{category}"] = spec.targets[o][k]
             row[f"estimate_{category}"] = float(report.estimates[o][k])
-            row[f"readout_{category}"] = float(readout.estimates[o][k])
+            if readout is not None:
+                row[f"readout_{category}"] = float(readout.estimates[o][k])
+        if readout is not None:
+            row["readout_mae"] = float(readout.mae_per_context[o])
         row.update(
             mae=float(report.mae_per_context[o]),
-            readout_mae=float(readout.mae_per_context[o]),
             samples=int(report.samples_per_context[o]),
             matched=int(report.matched_per_context[o]),
         )
@@ -216,14 +273,15 @@ def run_estimate(spec: DistributionSpec, cfg: EstimateConfig, tags: dict | None 
     from distalign_ray.tracking.mlflow_store import log_params, start_run
 
     plan = plan or plan_estimate(spec, cfg)
-    run_name = run_name or f"estimate-{plan.spec.name}-{plan.method}-{cfg.estimator}"
+    run_name = run_name or f"estimate-{plan.spec.name}-{plan.method}-{cfg.task}-{cfg.estimator}"
     with start_run(run_name, tags=estimation_tags(plan, tags), nested=mlflow.active_run() is not None) as run:
         log_params({"estimate": cfg.model_dump(), "dataset": plan.spec.name, "num_requests": len(plan.requests)})
         rows, seconds = execute_plan(plan)
         output_dir = home_dir() / "runs" / run.info.run_id
-        report, readout, diff, samples_path = summarize(plan, rows, output_dir)
-        metrics = report.metrics()
-        metrics.update(readout_mae=readout.mae, readout_kl=readout.kl, readout_js=readout.js, seconds=seconds)
+        report, readout, diff, samples_path, extra = summarize(plan, rows, output_dir)
+        metrics = report.metrics() | extra | {"seconds": seconds}
+        if readout is not None:
+            metrics.update(readout_mae=readout.mae, readout_kl=readout.kl, readout_js=readout.js)
         if diff is not None:
             metrics["readout_sample_diff"] = diff
         mlflow.log_metrics(metrics)
@@ -231,7 +289,9 @@ def run_estimate(spec: DistributionSpec, cfg: EstimateConfig, tags: dict | None 
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "per_context.json").write_text(json.dumps(table, indent=2))
         _write_csv(table, output_dir / "per_context.csv")
-        series = {"readout": readout.estimates} if cfg.estimator == "readout" else {"sampled": report.estimates, "readout": readout.estimates}
+        series = {"sampled": report.estimates} if cfg.estimator == "sample" else {}
+        if readout is not None:
+            series["readout"] = readout.estimates
         plot_distributions(
             plan.spec.contexts, plan.spec.categories, np.array(plan.spec.targets), series,
             f"{plan.spec.name} - {plan.method} ({cfg.estimator}) MAE {report.mae:.3f}", output_dir / "distribution.png",

@@ -68,7 +68,7 @@ def run_quickstart(cfg: QuickstartConfig, console=None) -> dict:
         timings["total_s"] = time.time() - started
         mlflow.log_metrics({"before_mae": before.report.mae, "after_mae": after.report.mae, **timings})
     summary = {"before": before, "after": after, "timings": timings, "adapter": str(output), "parent_run_id": parent.info.run_id}
-    print_comparison(console, spec, before, after, timings, tracking_uri())
+    print_comparison(console, spec.subset(cfg.estimate.max_contexts), before, after, timings, tracking_uri())
     return summary
 
 

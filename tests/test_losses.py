@@ -93,3 +93,16 @@ def test_losses_package_does_not_import_ray():
 
     code = "import sys, distalign_ray.losses; assert not any(m == 'ray' or m.startswith('ray.') for m in sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_dpo_hand_computed():
+    from distalign_ray.losses import dpo_loss
+
+    beta = 0.2
+    loss, margins = dpo_loss(
+        torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.0]), torch.tensor([-1.5, -2.0]), torch.tensor([-2.5, -2.0]), beta
+    )
+    m = [(-1.0 + 1.5) - (-3.0 + 2.5), (-2.0 + 2.0) - (-1.0 + 2.0)]  # 1.0, -1.0
+    expected = [-math.log(_sigmoid(beta * x)) for x in m]
+    assert margins.tolist() == pytest.approx([beta * x for x in m])
+    assert loss.item() == pytest.approx(sum(expected) / 2)

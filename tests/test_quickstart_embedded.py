@@ -13,15 +13,16 @@ from distalign_ray.quickstart import QuickstartConfig, run_quickstart
 @pytest.mark.slow
 def test_quickstart_small_on_embedded_model(ray_cluster, mlflow_uri, tmp_path):
     cfg = QuickstartConfig(
-        dataset="gender-uk-real",
+        dataset="gender-us-real",  # 14 occupations from 96% male to 14% male
         output=str(tmp_path / "adapter"),
-        finetune=FinetuneConfig(num_workers=2, max_contexts=6, epochs=2, sft_epochs=1),
-        estimate=EstimateConfig(samples_per_context=10, max_contexts=6, max_new_tokens=8),
+        finetune=FinetuneConfig(num_workers=2, epochs=6, sft_epochs=1, prompts_per_batch=4),
+        estimate=EstimateConfig(samples_per_context=10, max_new_tokens=8),
     )
     summary = run_quickstart(cfg)
     before, after = summary["before"], summary["after"]
     # Steering-id readout of the fine-tuned model vs the base model's forced choice.
-    assert after.readout.mae < before.readout.mae
+    print(f"readout MAE before {before.readout.mae:.3f} after {after.readout.mae:.3f}")
+    assert after.readout.mae < 0.5 * before.readout.mae
     assert after.readout.mae < 0.15
     assert after.report.unmatched_rate < before.report.unmatched_rate
     runs = mlflow.search_runs(experiment_names=["distalign"])

@@ -86,3 +86,19 @@ def test_prompts_cover_every_context_and_template(tokenizer):
     assert len(story) == 14 and "story" in story[0].user_prompt
     ids = chat_prompt_ids(tokenizer, rows[0])
     assert ids.count(tokenizer.convert_tokens_to_ids("<|im_start|>")) == 3  # system, user, assistant: no doubled BOS
+
+
+def test_ift_answers_follow_target_proportions(tokenizer):
+    from distalign_ray.data.baselines import build_dpo_pairs, build_ift_examples, proportional_counts
+
+    assert proportional_counts([0.99, 0.01], 10) == [10, 0]
+    assert proportional_counts([0.64, 0.36], 10) == [6, 4]
+    assert proportional_counts([1 / 3] * 3, 10) == [4, 3, 3]
+    spec = load_dataset("gender-us-real").subset(2)
+    examples = build_ift_examples(spec, tokenizer, answers_per_prompt=10)
+    assert len(examples) == 2 * 2 * 10 and all(e.steering_index is None for e in examples)
+    male = tokenizer("Male", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    first_prompt = [e for e in examples if e.context_index == 0 and e.template == "attribute_0"]
+    assert sum(e.answer_ids == male for e in first_prompt) == 10  # 96% male -> 10 of 10
+    pairs = build_dpo_pairs(spec, tokenizer, pairs_per_prompt=10)
+    assert len(pairs) == 40 and all(p.chosen_ids != p.rejected_ids for p in pairs)

@@ -36,7 +36,7 @@ def test_local_mode_hybrid_moves_steering_distribution(tiny_model_path, tmp_path
     result = run_finetune(spec, cfg, tmp_path / "adapter")
     after = _readout_mae(tiny_model_path, str(tmp_path / "adapter"), spec)
     assert after < before * 0.7, (before, after)
-    assert result["metrics"]["val_steering_mae"] == pytest.approx(after, abs=1e-4)
+    assert result["metrics"]["val_mae"] == pytest.approx(after, abs=1e-4)
     meta = read_adapter_meta(tmp_path / "adapter")
     assert meta["steering_token_ids"] == [32, 33] and meta["categories"] == ["male", "female"]
 
@@ -67,15 +67,15 @@ def test_two_ray_train_workers_loss_down_checkpoint_restorable(ray_cluster, tiny
     losses = [m.value for m in sorted(history, key=lambda m: m.step)]
     assert len(losses) == 3 * 4  # 3 epochs x (8 prompts / 2 per batch)
     assert sum(losses[-4:]) < sum(losses[:4])
-    readout = mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "val_steering_mae")
+    readout = mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "val_mae")
     assert len(readout) == 4  # one per epoch (1 SFT + 3 aligned)
     # The last checkpoint in Ray storage restores to the adapter that was installed.
     run_dirs = sorted((tmp_path / "home" / "ray_results").glob("finetune-*"))
-    checkpoints = sorted(run_dirs[-1].glob("checkpoint_*"))
+    checkpoints = sorted(p for p in run_dirs[-1].glob("checkpoint_*") if p.is_dir())
     assert len(checkpoints) == 2  # num_to_keep
     with Checkpoint.from_directory(str(checkpoints[-1])).as_directory() as folder:
         state = torch.load(f"{folder}/{STATE_FILE}", weights_only=False)
         assert state["plan_index"] == 3 and "align" in state["optimizers"]
         restored = _readout_mae(tiny_model_path, f"{folder}/{ADAPTER_DIR}", spec)
-    assert restored == pytest.approx(result["metrics"]["val_steering_mae"], abs=1e-4)
+    assert restored == pytest.approx(result["metrics"]["val_mae"], abs=1e-4)
     assert json.loads((tmp_path / "adapter" / "distalign_meta.json").read_text())["dataset"] == "gender-uk-even"

@@ -38,3 +38,23 @@ def plot_distributions(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_heatmap(values: np.ndarray, rows: list[str], columns: list[str], title: str, path: str | Path) -> Path:
+    fig, ax = plt.subplots(figsize=(1.6 * len(columns) + 3, 0.5 * len(rows) + 1.8))
+    image = ax.imshow(values, cmap="viridis_r", aspect="auto")
+    ax.set_xticks(range(len(columns)))
+    ax.set_xticklabels(columns, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels(rows, fontsize=8)
+    for i in range(len(rows)):
+        for j in range(len(columns)):
+            if not np.isnan(values[i, j]):
+                ax.text(j, i, f"{values[i, j]:.3f}", ha="center", va="center", color="white", fontsize=8)
+    fig.colorbar(image, ax=ax, label="MAE")
+    ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -18,6 +18,11 @@ class HFEngine(GenerationEngine):
         self.steering = steering
         self.sampling = sampling
 
+    def _decoding(self) -> dict:
+        if self.sampling.temperature == 0:  # greedy, e.g. for the judge
+            return {"do_sample": False}
+        return {"do_sample": True, "temperature": self.sampling.temperature, "top_p": self.sampling.top_p, "top_k": 0}
+
     @torch.no_grad()
     def readout(self, prompt: EncodedPrompts) -> tuple[list[float], list[float] | None]:
         """(class distribution, steering-id distribution or None), from token probabilities only.
@@ -61,10 +66,7 @@ class HFEngine(GenerationEngine):
             input_ids=inputs,
             attention_mask=torch.ones_like(inputs),
             past_key_values=cache,
-            do_sample=True,
-            temperature=self.sampling.temperature,
-            top_p=self.sampling.top_p,
-            top_k=0,
+            **self._decoding(),
             max_new_tokens=self.sampling.max_new_tokens,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,

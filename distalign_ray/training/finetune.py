@@ -15,6 +15,7 @@ from distalign_ray.errors import DistalignError
 from distalign_ray.models import load_tokenizer, resolve_model
 from distalign_ray.paths import home_dir
 from distalign_ray.training.loop import ADAPTER_DIR, train_loop_per_worker
+from distalign_ray.training.stages import uses_steering
 
 
 def check_output_dir(output: str | Path) -> Path:
@@ -29,7 +30,10 @@ def validate_finetune(spec: DistributionSpec, cfg: FinetuneConfig, output: str |
     output = check_output_dir(output)
     model_ref = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_ref)
-    prepare_steering_vocab(tokenizer, spec.subset(cfg.max_contexts), cfg.steering_tokens)
+    if uses_steering(cfg):
+        prepare_steering_vocab(tokenizer, spec.subset(cfg.max_contexts), cfg.steering_tokens)
+    if cfg.init_adapter:
+        read_adapter_meta(cfg.init_adapter)
     return model_ref, output
 
 

@@ -19,11 +19,11 @@ import torch
 
 from distalign_ray.config import FinetuneConfig
 from distalign_ray.data.specs import DistributionSpec
-from distalign_ray.data.steering import TrainingExample, build_steering_examples, prepare_steering_vocab
+from distalign_ray.data.steering import answer_ids, prepare_steering_vocab
 from distalign_ray.models import ModelRef, load_model, load_tokenizer
 from distalign_ray.tracking.mlflow_store import StepLogger
 from distalign_ray.scoring import CompletionScorer
-from distalign_ray.training.objective import hybrid_step_loss, sft_step_loss, steering_readout
+from distalign_ray.training.stages import build_stages, readout_probs, uses_steering, validation_set
 
 STATE_FILE = "training_state.pt"
 ADAPTER_DIR = "adapter"
@@ -54,13 +54,6 @@ def _lr_lambda(total_steps: int, warmup_ratio: float, min_ratio: float):
     return factor
 
 
-def group_by_prompt(examples: list[TrainingExample]) -> list[list[TrainingExample]]:
-    groups: dict[tuple, list] = {}
-    for example in examples:
-        groups.setdefault((example.context_index, example.template), []).append(example)
-    return list(groups.values())
-
-
 def batches(groups: list[list], prompts_per_batch: int, seed: int, rank: int, world: int) -> list[list]:
     """Shuffle the prompt groups (seeded, same on every rank), cut global batches of whole groups,
     give each rank its groups. A last partial batch is kept (the reference code dropped it)."""
@@ -75,8 +68,10 @@ def batches(groups: list[list], prompts_per_batch: int, seed: int, rank: int, wo
 
 
 def build_lora(model, cfg: FinetuneConfig, extra_token_ids: list[int] | None):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, PeftModel, get_peft_model
 
+    if cfg.init_adapter:  # continue training a saved adapter (DPO starts from the IFT adapter)
+        return PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True)
     lora = LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
@@ -90,12 +85,6 @@ def build_lora(model, cfg: FinetuneConfig, extra_token_ids: list[int] | None):
     return get_peft_model(model, lora)
 
 
-def stage_plan(cfg: FinetuneConfig) -> list[tuple[str, int]]:
-    plan = [("sft", e) for e in range(cfg.sft_epochs)]
-    plan += [("align", e) for e in range(cfg.epochs)]
-    return plan
-
-
 def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
 
@@ -107,35 +96,33 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(cfg.seed + rank)
 
     tokenizer = load_tokenizer(model_ref)
-    vocab = prepare_steering_vocab(tokenizer, spec, cfg.steering_tokens)
+    vocab = prepare_steering_vocab(tokenizer, spec, cfg.steering_tokens) if uses_steering(cfg) else None
     model = load_model(model_ref)
-    if vocab.added_special_tokens:
+    if vocab is not None and vocab.added_special_tokens:
         model.resize_token_embeddings(len(tokenizer))
-    model = build_lora(model, cfg, vocab.token_ids if vocab.added_special_tokens else None)
+    model = build_lora(model, cfg, vocab.token_ids if vocab is not None and vocab.added_special_tokens else None)
     model.train()
-    examples = build_steering_examples(spec, tokenizer, vocab, cfg.templates)
-    groups = {"align": group_by_prompt(examples), "sft": group_by_prompt([e for e in examples if e.desirable])}
-    group_size = vocab.num_classes**2
-    prompts = sorted({tuple(e.prompt_ids): e.target for e in examples}.items())
     pad_id = tokenizer.pad_token_id
-
     trainable = [p for p in model.parameters() if p.requires_grad]
     scorer = CompletionScorer(model, pad_id)
+    stages = build_stages(cfg, spec, tokenizer, vocab, scorer, z0_reduce=_all_reduce_mean)
     if world > 1:
         scorer = ray.train.torch.prepare_model(scorer, parallel_strategy="ddp")
+    validation = validation_set(spec, tokenizer, cfg.templates)
+    answers = [answer_ids(tokenizer, spec.answers[c])[:-1] for c in spec.categories]
 
-    plan = stage_plan(cfg)
-    steps_per_epoch = {stage: math.ceil(len(g) / cfg.prompts_per_batch) for stage, g in groups.items()}
+    plan = [(stage.name, epoch) for stage in stages for epoch in range(stage.epochs)]
+    by_name = {stage.name: stage for stage in stages}
     optimizers = {}
 
-    def optimizer_for(stage: str):
-        if stage not in optimizers:
-            lr = cfg.sft_lr if stage == "sft" else cfg.lr
-            total = steps_per_epoch[stage] * (cfg.sft_epochs if stage == "sft" else cfg.epochs)
-            opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=cfg.weight_decay)
+    def optimizer_for(name: str):
+        if name not in optimizers:
+            stage = by_name[name]
+            total = math.ceil(len(stage.groups) / cfg.prompts_per_batch) * stage.epochs
+            opt = torch.optim.AdamW(trainable, lr=stage.lr, weight_decay=cfg.weight_decay)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, cfg.warmup_ratio, cfg.min_lr_ratio))
-            optimizers[stage] = (opt, sched)
-        return optimizers[stage]
+            optimizers[name] = (opt, sched)
+        return optimizers[name]
 
     start_index, global_step = 0, 0
     checkpoint = ray.train.get_checkpoint()
@@ -147,23 +134,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
             set_peft_model_state_dict(model, load_file(str(Path(folder) / ADAPTER_DIR / "adapter_model.safetensors")))
             start_index, global_step = state["plan_index"] + 1, state["global_step"]
-            for stage, (opt_state, sched_state) in state["optimizers"].items():
-                opt, sched = optimizer_for(stage)
+            for name, (opt_state, sched_state) in state["optimizers"].items():
+                opt, sched = optimizer_for(name)
                 opt.load_state_dict(opt_state)
                 sched.load_state_dict(sched_state)
 
     logger = StepLogger(loop_config.get("mlflow_run_id") if rank == 0 else None, loop_config.get("mlflow_uri"))
-    steering_ids = vocab.token_ids
+    steering_ids = vocab.token_ids if vocab is not None else None
 
     for plan_index in range(start_index, len(plan)):
-        stage, epoch = plan[plan_index]
-        opt, sched = optimizer_for(stage)
+        name, epoch = plan[plan_index]
+        stage = by_name[name]
+        opt, sched = optimizer_for(name)
         epoch_losses = []
-        for batch in batches(groups[stage], cfg.prompts_per_batch, cfg.seed * 1000 + plan_index, rank, world):
-            if stage == "sft":
-                parts = sft_step_loss(scorer, batch, steering_ids, cfg)
-            else:
-                parts = hybrid_step_loss(scorer, batch, steering_ids, cfg, group_size, z0_reduce=_all_reduce_mean)
+        for batch in batches(stage.groups, cfg.prompts_per_batch, cfg.seed * 1000 + plan_index, rank, world):
+            parts = stage.step(scorer, batch)
             opt.zero_grad(set_to_none=True)
             parts["loss"].backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
@@ -172,23 +157,22 @@ def train_loop_per_worker(loop_config: dict) -> None:
             global_step += 1
             epoch_losses.append(parts["loss"].item())
             if global_step % cfg.log_every == 0:
-                metrics = {f"{stage}/{k}": float(v.detach()) for k, v in parts.items()}
-                metrics.update({f"{stage}/grad_norm": float(grad_norm), f"{stage}/lr": sched.get_last_lr()[0]})
+                metrics = {f"{name}/{k}": float(v.detach()) for k, v in parts.items()}
+                metrics.update({f"{name}/grad_norm": float(grad_norm), f"{name}/lr": sched.get_last_lr()[0]})
                 logger.log(metrics, global_step)
-        metrics = _epoch_metrics(model, prompts, steering_ids, pad_id, epoch_losses, rank, world)
-        metrics.update(stage=stage, epoch=epoch, plan_index=plan_index, global_step=global_step)
+        metrics = _epoch_metrics(model, validation, steering_ids, answers, pad_id, epoch_losses, rank, world)
+        metrics.update(stage=name, epoch=epoch, plan_index=plan_index, global_step=global_step)
         logger.log({k: v for k, v in metrics.items() if isinstance(v, float)}, global_step)
         logger.flush()
         _report_with_checkpoint(model, tokenizer, vocab, spec, cfg, optimizers, metrics, rank, loop_config)
 
 
-def _epoch_metrics(model, prompts, steering_ids, pad_id, losses, rank, world) -> dict:
-    """Mean train loss and the steering-readout error on every prompt, reduced over workers."""
-    inner = model
-    inner.eval()
-    mine = prompts[rank::world]
-    probs = steering_readout(inner, [list(p) for p, _ in mine], steering_ids, pad_id) if mine else None
-    inner.train()
+def _epoch_metrics(model, validation, steering_ids, answers, pad_id, losses, rank, world) -> dict:
+    """Mean train loss and `val_mae`, the readout MAE on every training prompt, reduced over workers."""
+    model.eval()
+    mine = validation[rank::world]
+    probs = readout_probs(model, [p for p, _ in mine], steering_ids, answers, pad_id) if mine else None
+    model.train()
     abs_err = torch.zeros(2)
     if probs is not None:
         targets = torch.tensor([t for _, t in mine])
@@ -200,15 +184,15 @@ def _epoch_metrics(model, prompts, steering_ids, pad_id, losses, rank, world) ->
         torch.distributed.all_reduce(loss)
     return {
         "train_loss": float(loss[0] / loss[1].clamp_min(1)),
-        "val_steering_mae": float(abs_err[0] / abs_err[1].clamp_min(1)),
+        "val_mae": float(abs_err[0] / abs_err[1].clamp_min(1)),
     }
 
 
 def adapter_meta(vocab, spec: DistributionSpec, cfg: FinetuneConfig, model_ref_name: str) -> dict:
     return {
-        "steering_strings": vocab.strings,
-        "steering_token_ids": vocab.token_ids,
-        "added_special_tokens": vocab.added_special_tokens,
+        "steering_strings": vocab.strings if vocab else [],
+        "steering_token_ids": vocab.token_ids if vocab else [],
+        "added_special_tokens": bool(vocab and vocab.added_special_tokens),
         "categories": spec.categories,
         "dataset": spec.name,
         "base_model": model_ref_name,
@@ -225,7 +209,7 @@ def _report_with_checkpoint(model, tokenizer, vocab, spec, cfg, optimizers, metr
     folder = tempfile.mkdtemp(prefix="distalign-ckpt-")
     try:
         model.save_pretrained(os.path.join(folder, ADAPTER_DIR))
-        if vocab.added_special_tokens:
+        if vocab is not None and vocab.added_special_tokens:
             tokenizer.save_pretrained(os.path.join(folder, ADAPTER_DIR))
         meta = adapter_meta(vocab, spec, cfg, loop_config["model_ref"]["name"])
         Path(folder, ADAPTER_DIR, META_FILE).write_text(json.dumps(meta, indent=2))

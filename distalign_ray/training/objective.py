@@ -14,7 +14,7 @@ import torch
 from distalign_ray.data.steering import TrainingExample
 from distalign_ray.losses import HybridLossWeights, combine_losses, kto_loss, sft_loss, steering_kl_loss
 from distalign_ray.losses.hybrid import LOSS_MODES
-from distalign_ray.scoring import encode_prompts
+from distalign_ray.scoring import encode_prompts, score_completions
 
 
 def unwrap(scorer):
@@ -113,3 +113,29 @@ def steering_readout(model, prompts: list[list[int]], steering_token_ids: list[i
         logits = encode_prompts(model, prompts[start : start + batch_size], pad_id).last_logits
         rows.append(torch.softmax(logits[:, steering_token_ids], dim=-1))
     return torch.cat(rows)
+
+
+def dpo_step_loss(scorer, pairs, cfg) -> dict:
+    """DPO on preference pairs whose reference log-probs were computed once before training."""
+    from distalign_ray.losses import dpo_loss
+
+    prompts = [p.prompt_ids for p in pairs]
+    _, token_logps, _ = scorer(prompts + prompts, [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs])
+    logps = token_logps.sum(-1)
+    rows = len(pairs)
+    loss, margins = dpo_loss(
+        logps[:rows],
+        logps[rows:],
+        torch.tensor([p.reference_chosen for p in pairs]),
+        torch.tensor([p.reference_rejected for p in pairs]),
+        beta=cfg.beta,
+    )
+    return {"loss": loss, "dpo": loss.detach(), "reward_margin": margins.mean(), "accuracy": (margins > 0).float().mean()}
+
+
+@torch.no_grad()
+def forced_choice_readout(model, prompts: list[list[int]], answers: list[list[int]], pad_id: int):
+    """P(class k | prompt) proportional to P(answer k | prompt), for unsteered models."""
+    k = len(answers)
+    scores = score_completions(model, [p for p in prompts for _ in range(k)], answers * len(prompts), pad_id)
+    return torch.softmax(scores.token_logps.sum(-1).view(len(prompts), k), dim=-1)

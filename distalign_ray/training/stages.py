@@ -1,0 +1,95 @@
+"""What each training method trains: its stages, their data (grouped by prompt) and step losses.
+
+One registry for every fine-tuned method, so adding a method is one entry here, not a new pipeline:
+- hybrid / kl_only / kto_only: stage `sft` (bind steering ids to answers), then stage `align`;
+- ift: plain SFT on answers drawn in the target proportions (no steering token);
+- dpo: preference pairs toward the target proportions, usually starting from the IFT adapter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from distalign_ray.config import FinetuneConfig
+from distalign_ray.data.baselines import build_dpo_pairs, build_ift_examples
+from distalign_ray.data.prompts import build_prompts, chat_prompt_ids
+from distalign_ray.data.specs import DistributionSpec
+from distalign_ray.data.steering import build_steering_examples
+from distalign_ray.losses.hybrid import LOSS_MODES
+from distalign_ray.scoring import score_completions
+from distalign_ray.training.objective import dpo_step_loss, hybrid_step_loss, sft_step_loss
+
+BASELINE_MODES = ("ift", "dpo")
+TRAINING_MODES = tuple(LOSS_MODES) + BASELINE_MODES
+
+
+def uses_steering(cfg: FinetuneConfig) -> bool:
+    return cfg.loss_mode in LOSS_MODES
+
+
+@dataclass
+class Stage:
+    name: str
+    epochs: int
+    lr: float
+    groups: list[list]  # per-prompt groups of examples (a batch is a set of whole groups)
+    step: Callable[[object, list], dict]
+
+
+def group_by_prompt(items: list) -> list[list]:
+    groups: dict[tuple, list] = {}
+    for item in items:
+        groups.setdefault((item.context_index, item.template), []).append(item)
+    return list(groups.values())
+
+
+def validation_set(spec: DistributionSpec, tokenizer, templates: list[str] | None) -> list[tuple[list[int], list[float]]]:
+    return [(chat_prompt_ids(tokenizer, row), spec.targets[row.context_index]) for row in build_prompts(spec, "attribute", templates)]
+
+
+@torch.no_grad()
+def _fill_reference_logps(scorer, pairs) -> None:
+    """The frozen starting model's log-probs, once: the DPO reference is the model DPO starts from
+    (the IFT adapter), not the bare base model."""
+    for start in range(0, len(pairs), 64):
+        chunk = pairs[start : start + 64]
+        prompts = [p.prompt_ids for p in chunk]
+        _, logps, _ = scorer(prompts + prompts, [p.chosen_ids for p in chunk] + [p.rejected_ids for p in chunk])
+        sums = logps.sum(-1).tolist()
+        for i, pair in enumerate(chunk):
+            pair.reference_chosen, pair.reference_rejected = sums[i], sums[len(chunk) + i]
+
+
+def build_stages(cfg: FinetuneConfig, spec: DistributionSpec, tokenizer, vocab, scorer, z0_reduce=None) -> list[Stage]:
+    if uses_steering(cfg):
+        examples = build_steering_examples(spec, tokenizer, vocab, cfg.templates)
+        ids, group_size = vocab.token_ids, vocab.num_classes**2
+        return [
+            Stage("sft", cfg.sft_epochs, cfg.sft_lr, group_by_prompt([e for e in examples if e.desirable]),
+                  lambda s, batch: sft_step_loss(s, batch, ids, cfg)),
+            Stage("align", cfg.epochs, cfg.lr, group_by_prompt(examples),
+                  lambda s, batch: hybrid_step_loss(s, batch, ids, cfg, group_size, z0_reduce=z0_reduce)),
+        ]
+    if cfg.loss_mode == "ift":
+        examples = build_ift_examples(spec, tokenizer, cfg.answers_per_prompt, cfg.templates)
+        return [Stage("ift", cfg.epochs, cfg.lr, group_by_prompt(examples), lambda s, batch: sft_step_loss(s, batch, None, cfg))]
+    if cfg.loss_mode == "dpo":
+        pairs = build_dpo_pairs(spec, tokenizer, cfg.answers_per_prompt, cfg.templates)
+        scorer.eval()
+        _fill_reference_logps(scorer, pairs)
+        scorer.train()
+        return [Stage("dpo", cfg.epochs, cfg.lr, group_by_prompt(pairs), lambda s, batch: dpo_step_loss(s, batch, cfg))]
+    raise ValueError(f"unknown loss_mode {cfg.loss_mode!r}; choose from {TRAINING_MODES}")
+
+
+@torch.no_grad()
+def readout_probs(model, prompts: list[list[int]], steering_ids: list[int] | None, answers: list[list[int]], pad_id: int):
+    """The validation readout: steering-id distribution for steered models, forced choice otherwise."""
+    from distalign_ray.training.objective import forced_choice_readout, steering_readout
+
+    if steering_ids:
+        return steering_readout(model, prompts, steering_ids, pad_id)
+    return forced_choice_readout(model, prompts, answers, pad_id)

@@ -1,0 +1,74 @@
+"""Story classification: the lexical gender classifier (table-driven) and the LLM judge."""
+
+from __future__ import annotations
+
+import pytest
+
+from distalign_ray.evaluation.story import GenderLexicon, judge_prompt, parse_judge_reply
+
+LEXICON = GenderLexicon(["male", "female"])
+
+
+@pytest.mark.parametrize(
+    "story, expected",
+    [
+        ("Tom fixed the engine. He was proud of his work.", 0),
+        ("Anna checked the patient. She smiled at her colleague.", 1),
+        ("She handed him the keys; he thanked her and she left.", 1),  # 3 female vs 2 male words
+        ("The engineer finished the bridge on time.", None),
+        ("He met her.", None),  # tie
+        ("The shepherd's helmet was heavy.", None),  # 'he' inside words does not count
+        ("Mrs Patel and her daughter opened the shop.", 1),
+        ("Mr Jones, a father of two, fixed the boiler himself.", 0),
+    ],
+)
+def test_lexical_gender_classifier(story, expected):
+    assert LEXICON(story) == expected
+
+
+def test_lexical_classifier_refuses_other_attributes():
+    with pytest.raises(ValueError, match="male/female only"):
+        GenderLexicon(["positive", "negative", "neutral"])
+
+
+@pytest.mark.parametrize(
+    "reply, expected",
+    [
+        ("male", 0),
+        ("Female.", 1),
+        ("'female'", 1),
+        ("**Male**", 0),
+        ("The answer is: female", 1),
+        ("I cannot determine that.", None),
+        ("", None),
+    ],
+)
+def test_judge_reply_parsing(reply, expected):
+    assert parse_judge_reply(reply, ["male", "female"]) == expected
+
+
+def test_judge_prompt_is_the_reference_template():
+    prompt = judge_prompt("sentiment", ["positive", "negative", "neutral"], "A day at work.")
+    assert prompt.startswith("Here is a short story:\n\nA day at work.\n\nDetermine the predominant emotion")
+    assert "['positive', 'negative', 'neutral']" in prompt
+
+
+@pytest.mark.slow
+def test_judge_runs_through_the_engine(ray_cluster, tiny_model_path, mlflow_uri):
+    """Stories of a tiny random model judged by a tiny random model: the pipeline runs end to end,
+    every story gets a label or counts as unmatched, and the agreement with the lexicon is logged."""
+    import mlflow
+
+    from distalign_ray.config import EstimateConfig
+    from distalign_ray.data.specs import load_dataset
+    from distalign_ray.estimate import run_estimate
+
+    cfg = EstimateConfig(
+        model=tiny_model_path, task="story", story_classifier="judge", judge_model=tiny_model_path,
+        samples_per_context=3, max_contexts=2, max_new_tokens=6,
+    )
+    result = run_estimate(load_dataset("gender-us-even"), cfg)
+    assert result.readout is None and result.report.samples_per_context.tolist() == [3, 3]
+    metrics = mlflow.get_run(result.run_id).data.metrics
+    assert 0.0 <= metrics["judge_unmatched_rate"] <= 1.0
+    assert metrics["unmatched_rate"] == pytest.approx(metrics["judge_unmatched_rate"])
