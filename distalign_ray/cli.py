@@ -24,7 +24,7 @@ def _load_config_file(path: str | None, section: str) -> dict:
         raise DistalignError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(document, dict):
         raise DistalignError(f"config {path}: expected a mapping")
-    return document.get(section, document if section in ("quickstart", "compare") else {})
+    return document.get(section, document if section in ("quickstart", "compare", "sweep") else {})
 
 
 def _validated(model_cls, values: dict, origin: str):
@@ -92,6 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     qs.add_argument("--model", help="model to start from (default: the embedded smollm2-135m)")
     qs.add_argument("--output", help="adapter folder to create")
     qs.add_argument("--config", help="YAML with quickstart fields (dataset, finetune:, estimate:)")
+    sw = sub.add_parser("sweep", help="Ray Tune search of kl_weight, kto_weight, lr, beta (ASHA; Optuna optional)")
+    _spec_args(sw)
+    sw.add_argument("--name", help="sweep name (MLflow tag `sweep`, output folder)")
+    sw.add_argument("--num-samples", dest="num_samples", type=int, help="number of trials")
+    sw.add_argument("--search", choices=["random", "optuna"])
+    sw.add_argument("--scheduler", choices=["asha", "fifo"])
+    sw.add_argument("--output", help="where to write the best config (a `finetune:` YAML)")
+    sw.add_argument("--config", help="YAML with SweepConfig fields (ranges, templates, finetune:)")
+
     cmp = sub.add_parser("compare", help="methods x datasets x tasks into one MLflow parent run (resumable)")
     cmp.add_argument("--name", help="comparison name; rerunning the same name resumes and skips finished cells")
     cmp.add_argument("--datasets", nargs="+", help="dataset names (default: gender-uk-real gender-us-real)")
@@ -118,6 +127,24 @@ def cmd_compare(args) -> int:
     estimate = cfg.estimate.model_dump() | _overrides(args, ["samples_per_context", "max_contexts", "estimator"])
     cfg = _validated(CompareConfig, cfg.model_dump() | {"finetune": finetune, "estimate": estimate}, "compare config")
     run_compare(cfg, report=args.report)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from distalign_ray.data.specs import load_spec
+    from distalign_ray.tuning.sweep import SweepConfig, run_sweep
+
+    values = _load_config_file(args.config, "sweep") if args.config else {}
+    values.update(_overrides(args, ["name", "num_samples", "search", "scheduler", "output"]))
+    cfg = _validated(SweepConfig, values, "sweep config")
+    spec = load_spec(args.dataset, args.spec)
+    if cfg.search == "optuna":
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            raise DistalignError("--search optuna needs the optuna package (pip install -e '.[tune]')") from None
+    result = run_sweep(spec, cfg)
+    print(f"best val_mae {result['best_val_mae']:.4f} over {result['trials']} trials; best config: {result['best_config']}")
     return 0
 
 
@@ -207,6 +234,7 @@ COMMANDS = {
     "datasets": cmd_datasets,
     "quickstart": cmd_quickstart,
     "compare": cmd_compare,
+    "sweep": cmd_sweep,
 }
 
 

@@ -59,6 +59,9 @@ class FinetuneConfig(_Config):
     cpus_per_worker: float = Field(1.0, gt=0)
     max_contexts: int | None = Field(None, gt=0, description="train on the first N contexts only")
     templates: list[str] | None = Field(None, description="attribute templates to train on (default: all)")
+    validation_templates: list[str] | None = Field(
+        None, description="templates of the per-epoch `val_mae` readout (default: the training templates); held-out in sweeps"
+    )
     log_every: int = Field(1, ge=1, description="MLflow step-metric interval (rank 0, batched)")
     seed: int = 42
     max_failures: int = Field(0, ge=0, description="Ray Train worker-group restarts from the last checkpoint")

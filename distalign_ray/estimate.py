@@ -43,14 +43,6 @@ class EstimateResult:
     seconds: float
     method: str
 
-    def summary(self) -> dict:
-        out = dict(self.report.metrics())
-        if self.readout is not None:
-            out["readout_mae"] = self.readout.mae
-        if self.readout_sample_diff is not None:
-            out["readout_sample_diff"] = self.readout_sample_diff
-        return out
-
 
 def _request_seed(seed: int, *parts: int) -> int:
     return int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0] & 0x7FFFFFFF)

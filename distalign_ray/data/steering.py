@@ -8,7 +8,6 @@ digits 0..K-1 (single tokens for SmolLM2, ids 32-41); with more classes, dedicat
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 
 from distalign_ray.data.prompts import PromptRow, build_prompts, chat_prompt_ids
@@ -113,13 +112,3 @@ def build_steering_examples(
                     )
                 )
     return examples
-
-
-def unique_prompt_rows(spec: DistributionSpec, templates: list[str] | None = None) -> list[PromptRow]:
-    return build_prompts(spec, "attribute", templates)
-
-
-def shuffled(items: list, seed: int) -> list:
-    out = list(items)
-    random.Random(seed).shuffle(out)
-    return out

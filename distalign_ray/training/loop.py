@@ -108,7 +108,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     stages = build_stages(cfg, spec, tokenizer, vocab, scorer, z0_reduce=_all_reduce_mean)
     if world > 1:
         scorer = ray.train.torch.prepare_model(scorer, parallel_strategy="ddp")
-    validation = validation_set(spec, tokenizer, cfg.templates)
+    validation = validation_set(spec, tokenizer, cfg.validation_templates or cfg.templates)
     answers = [answer_ids(tokenizer, spec.answers[c])[:-1] for c in spec.categories]
 
     plan = [(stage.name, epoch) for stage in stages for epoch in range(stage.epochs)]

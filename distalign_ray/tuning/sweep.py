@@ -1,0 +1,150 @@
+"""`distalign sweep`: Ray Tune over Ray Train V2 through a driver function (V2 refuses `Tuner(trainer)`).
+
+Each trial builds and fits a `TorchTrainer`; its per-epoch `val_mae` (the steering readout on
+held-out templates, already reduced over workers) reaches Tune through `TuneReportCallback`, so ASHA
+can stop bad trials early. MLflow gets a parent run and one child run per trial; the best config is
+written as a `finetune:` YAML that `distalign finetune --config` and `compare --config` accept.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from distalign_ray.config import FinetuneConfig
+from distalign_ray.paths import home_dir
+
+SEARCHED = ("kl_weight", "kto_weight", "lr", "beta")
+
+
+class SweepConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("sweep", pattern=r"^[A-Za-z0-9_\-]+$")
+    num_samples: int = Field(4, gt=0, description="trials")
+    search: Literal["random", "optuna"] = "random"
+    scheduler: Literal["asha", "fifo"] = "asha"
+    kl_weight: tuple[float, float] = (0.1, 10.0)
+    kto_weight: tuple[float, float] = (0.1, 10.0)
+    lr: tuple[float, float] = (5e-4, 5e-3)
+    beta: tuple[float, float] = (0.05, 0.5)
+    train_templates: list[str] = Field(default_factory=lambda: ["attribute_0"])
+    validation_templates: list[str] = Field(default_factory=lambda: ["attribute_1"], description="held out")
+    finetune: FinetuneConfig = Field(default_factory=lambda: FinetuneConfig(num_workers=1, cpus_per_worker=0.5))
+    driver_cpus: float = Field(0.5, gt=0, description="CPU of each trial's driver function")
+    max_concurrent_trials: int | None = Field(None, gt=0, description="default: what the cluster's CPUs allow")
+    output: str | None = Field(None, description="best-config YAML (default <home>/sweeps/<name>/best.yaml)")
+    seed: int = 0
+
+
+def _trial(config: dict, spec: dict, model_ref: dict, storage_path: str) -> None:
+    """One trial: a full Ray Train fit whose epoch reports flow to Tune. `config` holds only what
+    MLflow should show as the trial's params: the sampled values and the base finetune config."""
+    from ray import tune
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from distalign_ray.training.loop import train_loop_per_worker
+
+    finetune = FinetuneConfig.model_validate(config["finetune"] | {k: config[k] for k in SEARCHED})
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"finetune": finetune.model_dump(), "spec": spec, "model_ref": model_ref},
+        scaling_config=ScalingConfig(
+            num_workers=finetune.num_workers, use_gpu=False, resources_per_worker={"CPU": finetune.cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=f"trial-{tune.get_context().get_trial_id()}",
+            storage_path=storage_path,
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    trainer.fit()
+
+
+def concurrent_trials(cfg: SweepConfig, cluster_cpus: float) -> int:
+    per_trial = cfg.driver_cpus + max(1, cfg.finetune.num_workers) * cfg.finetune.cpus_per_worker
+    return cfg.max_concurrent_trials or max(1, int(cluster_cpus // per_trial))
+
+
+def run_sweep(spec, cfg: SweepConfig) -> dict:
+    import mlflow
+    import ray
+    from ray import tune
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from distalign_ray.cluster import init_ray
+    from distalign_ray.models import resolve_model
+    from distalign_ray.tracking.mlflow_store import check_tracking, log_params, start_run, tracking_uri
+    from distalign_ray.training.finetune import validate_finetune
+
+    check_tracking()
+    base = cfg.finetune.model_copy(update={"templates": cfg.train_templates, "validation_templates": cfg.validation_templates})
+    model_ref = resolve_model(base.model)
+    folder = home_dir() / "sweeps" / cfg.name
+    validate_finetune(spec, base, folder / "unused-adapter")
+    init_ray()
+    space = {k: tune.loguniform(*getattr(cfg, k)) for k in SEARCHED}
+    search_alg = None
+    if cfg.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=cfg.seed)
+    max_t = base.sft_epochs + base.epochs
+    scheduler = (
+        ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=min(max_t, base.sft_epochs + 1), reduction_factor=2)
+        if cfg.scheduler == "asha" else FIFOScheduler()
+    )
+    with start_run(f"sweep-{cfg.name}", tags={"job": "sweep", "sweep": cfg.name, "dataset": spec.name}) as parent:
+        log_params(cfg.model_dump(exclude={"finetune"}) | {"finetune": base.model_dump()})
+        tuner = tune.Tuner(
+            tune.with_resources(
+                tune.with_parameters(
+                    _trial, spec=spec.model_dump(), model_ref=model_ref.__dict__, storage_path=str(folder / "train")
+                ),
+                {"CPU": cfg.driver_cpus},
+            ),
+            param_space={**space, "finetune": base.model_dump()},
+            tune_config=tune.TuneConfig(
+                metric="val_mae", mode="min", num_samples=cfg.num_samples, scheduler=scheduler, search_alg=search_alg,
+                max_concurrent_trials=concurrent_trials(cfg, ray.cluster_resources().get("CPU", 1)),
+            ),
+            run_config=tune.RunConfig(
+                name=cfg.name,
+                storage_path=str(folder / "tune"),
+                callbacks=[
+                    MLflowLoggerCallback(
+                        tracking_uri=tracking_uri(), experiment_name="distalign",
+                        tags={"mlflow.parentRunId": parent.info.run_id, "kind": "trial", "sweep": cfg.name, "dataset": spec.name},
+                    )
+                ],
+            ),
+        )
+        results = tuner.fit()
+        best = results.get_best_result(metric="val_mae", mode="min", scope="all")
+        best_finetune = cfg.finetune.model_copy(update={k: best.config[k] for k in SEARCHED})
+        output = Path(cfg.output) if cfg.output else folder / "best.yaml"
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(yaml.safe_dump({"finetune": best_finetune.model_dump()}, sort_keys=False))
+        best_mae = float(best.metrics_dataframe["val_mae"].min())
+        mlflow.log_metrics({"best_val_mae": best_mae} | {f"best_{k}": float(best.config[k]) for k in SEARCHED})
+        mlflow.log_artifact(str(output))
+        _end_stopped_trial_runs(parent.info.run_id)
+    return {"best_config": str(output), "best_val_mae": best_mae, "trials": len(results), "parent_run_id": parent.info.run_id}
+
+
+def _end_stopped_trial_runs(parent_id: str) -> None:
+    """ASHA can stop a trial before its MLflow run is closed: mark such runs as stopped, not running."""
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient()
+    for run in mlflow.search_runs(
+        experiment_names=["distalign"], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", output_format="list"
+    ):
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status="KILLED")
