@@ -46,6 +46,10 @@ def main() -> None:
     class RowByRow(torch.nn.Module):
         """The same scores, one full sequence per row: no prompt reuse."""
 
+        def __init__(self):
+            super().__init__()
+            self.model = model  # the reference pass disables this model's adapter
+
         def forward(self, prompts, completions):
             parts = [shared(p_, [c]) for p_, c in zip([[p] for p in prompts], completions)]
             width = max(p[1].shape[1] for p in parts)
