@@ -1,0 +1,114 @@
+"""`ray job submit` of the quickstart against a real local head (token authentication on)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import psutil
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stop_head(ray_tmpdir: str) -> None:
+    """Stop only the processes of this head (never `ray stop`, which kills every Ray of the user)."""
+    mine = []
+    for proc in psutil.process_iter(["cmdline", "environ"]):
+        try:
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            environ = proc.info["environ"] or {}
+        except (psutil.Error, TypeError):
+            continue
+        if ray_tmpdir in cmdline or environ.get("RAY_TMPDIR") == ray_tmpdir:
+            mine.append(proc)
+    for proc in mine:
+        proc.terminate()
+    _, alive = psutil.wait_procs(mine, timeout=15)
+    for proc in alive:
+        proc.kill()
+
+
+@pytest.mark.slow
+def test_quickstart_via_ray_job_submit(tiny_model_path, tmp_path):
+    bin_dir = Path(sys.executable).parent
+    ray_tmpdir = f"/tmp/rj{secrets.token_hex(3)}"  # short: socket paths must stay under ~107 chars
+    env = dict(
+        os.environ,
+        RAY_TMPDIR=ray_tmpdir,
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=secrets.token_hex(16),
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+    )
+    port, dashboard_port = _free_port(), _free_port()
+    address = f"http://127.0.0.1:{dashboard_port}"
+    config = {
+        "dataset": "gender-us-real",
+        "output": str(tmp_path / "adapter"),
+        "finetune": {"model": tiny_model_path, "num_workers": 2, "epochs": 1, "sft_epochs": 1, "max_contexts": 2},
+        "estimate": {"samples_per_context": 4, "max_contexts": 2, "max_new_tokens": 3},
+    }
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": uri, "DISTALIGN_HOME": str(tmp_path / "home")}}
+    with open(tmp_path / "ray-start.log", "w") as log:  # a file, not a pipe: the head's daemons inherit it
+        subprocess.run(
+            [bin_dir / "ray", "start", "--head", "--num-cpus=2", f"--port={port}", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
+             # Own agent ports: the suite's other local cluster already holds Ray's default ones.
+             f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+             f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+             f"--ray-client-server-port={_free_port()}"],
+            env=env, check=True, stdout=log, stderr=subprocess.STDOUT, timeout=120,
+        )
+    try:
+        for _ in range(30):  # the head's job agent comes up a few seconds after `ray start` returns
+            submitted = subprocess.run(
+                [bin_dir / "ray", "job", "submit", "--address", address, "--no-wait", "--working-dir", str(REPO),
+                 "--runtime-env-json", json.dumps(runtime_env), "--",
+                 "python", "jobs/quickstart.py", "--config", str(tmp_path / "tiny.yaml")],
+                env=env, capture_output=True, text=True, timeout=120,
+            )
+            if "No available agent" not in submitted.stderr:
+                break
+            time.sleep(2)
+        assert submitted.returncode == 0, submitted.stderr[-2000:]
+        job_id = re.search(r"raysubmit_[A-Za-z0-9]+", submitted.stdout + submitted.stderr).group(0)  # output has ANSI codes
+        status = ""
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            reply = subprocess.run(
+                [bin_dir / "ray", "job", "status", "--address", address, job_id],
+                env=env, capture_output=True, text=True, timeout=60,
+            )
+            status = (reply.stdout + reply.stderr).lower()
+            if any(f"job '{job_id.lower()}' {s}" in status for s in ("succeeded", "failed", "stopped")):
+                break
+            time.sleep(5)
+        logs = subprocess.run(
+            [bin_dir / "ray", "job", "logs", "--address", address, job_id], env=env, capture_output=True, text=True, timeout=60
+        ).stdout
+        assert f"job '{job_id.lower()}' succeeded" in status, logs[-3000:]
+    finally:
+        _stop_head(ray_tmpdir)
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["distalign"])
+    parent = runs[runs["tags.job"] == "quickstart"]
+    assert len(parent) == 1 and parent.iloc[0]["status"] == "FINISHED"
+    assert set(runs["tags.stage"].dropna()) == {"before", "after"}
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
