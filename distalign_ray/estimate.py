@@ -70,10 +70,7 @@ def plan_estimate(spec: DistributionSpec, cfg: EstimateConfig) -> EstimatePlan:
             raise DistalignError(
                 f"adapter was trained for categories {meta['categories']}, the spec has {spec.categories}"
             )
-        if meta.get("added_special_tokens"):
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(cfg.adapter)
+        tokenizer = load_tokenizer(model_ref, cfg.adapter)
         steering = SteeringSetup(token_ids=list(meta["steering_token_ids"]) or None, answer_ids=answer_ids)
         method = meta.get("loss_mode", "adapter")
     else:

@@ -24,7 +24,7 @@ class EngineActor:
 
         torch.set_num_threads(1)  # one thread per actor: 2-thread small matmuls contend badly on 2 cores
         ref = ModelRef(**model_ref)
-        tokenizer = load_tokenizer(ref) if not adapter or not _has_tokenizer(adapter) else _adapter_tokenizer(adapter)
+        tokenizer = load_tokenizer(ref, adapter)
         model = load_model(ref)
         if len(tokenizer) != model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer))
@@ -45,21 +45,6 @@ class EngineActor:
             out["readout"].append(result.readout)
         keep = {k: v for k, v in batch.items() if k != "prompt_ids"}
         return {**keep, **out}
-
-
-def _has_tokenizer(adapter: str) -> bool:
-    from pathlib import Path
-
-    return (Path(adapter) / "tokenizer_config.json").is_file()
-
-
-def _adapter_tokenizer(adapter: str):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(adapter)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def run_requests(

@@ -108,10 +108,12 @@ def resolve_model(name: str | os.PathLike | None = None, *, materialize: bool = 
     raise DistalignError(f"unknown model '{name}': not an alias ({known}), a local folder, or a hub id")
 
 
-def load_tokenizer(ref: ModelRef):
+def load_tokenizer(ref: ModelRef, adapter: str | os.PathLike | None = None):
+    """The model's tokenizer, or the adapter's own when it saved one (added steering tokens)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(ref.path)
+    source = adapter if adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file() else ref.path
+    tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
