@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--max-contexts", dest="max_contexts", type=int, help="only the first N contexts")
     est.add_argument("--prompt-engineering", dest="prompt_engineering", action="store_true", default=None,
                      help="state the target distribution in the prompt")
+    est.add_argument("--engine", choices=["auto", "vllm", "hf"], help="generation engine (auto: vLLM when installed)")
     est.add_argument("--seed", type=int)
     est.add_argument("--config", help="YAML with an `estimate:` section (EstimateConfig fields)")
 

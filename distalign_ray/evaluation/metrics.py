@@ -142,3 +142,23 @@ def readout_report(estimates: np.ndarray, targets: np.ndarray) -> DistributionRe
         samples_per_context=n,
         matched_per_context=n,
     )
+
+
+def engine_distance(labels_a: list[np.ndarray], labels_b: list[np.ndarray], num_classes: int) -> float:
+    """Mean over contexts of the MAE between two estimators' class shares (matched answers only)."""
+    return float(np.mean([np.abs(proportions(a, num_classes) - proportions(b, num_classes)).mean() for a, b in zip(labels_a, labels_b)]))
+
+
+def same_distribution_bound(
+    labels_a: list[np.ndarray], labels_b: list[np.ndarray], num_classes: int, resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> float:
+    """Bootstrap bound on `engine_distance` when both sample sets come from one distribution: pool each
+    context's labels, redraw two sets of the original sizes, take the `level` quantile of the distance."""
+    rng = np.random.default_rng(seed)
+    draws = np.zeros(resamples)
+    for a, b in zip(labels_a, labels_b):
+        pool = np.concatenate([a, b])
+        for r in range(resamples):
+            picked = pool[rng.integers(0, pool.size, size=a.size + b.size)]
+            draws[r] += np.abs(proportions(picked[: a.size], num_classes) - proportions(picked[a.size :], num_classes)).mean()
+    return float(np.quantile(draws / len(labels_a), level))

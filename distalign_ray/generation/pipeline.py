@@ -8,33 +8,38 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-import numpy as np
+from distalign_ray.generation.base import GenerationEngine, SamplingSettings, SteeringSetup
 
-from distalign_ray.generation.base import SamplingSettings, SteeringSetup
+
+def build_engine(engine: str, model_ref: dict, adapter: str | None, steering: SteeringSetup, sampling: SamplingSettings,
+                 *, cpus: float, seed: int, vllm_lora: str = "auto") -> GenerationEngine:
+    """Load one engine: `hf` (transformers) or `vllm` (resolved from `auto` by the caller)."""
+    from distalign_ray.models import ModelRef, load_model, load_tokenizer
+
+    ref = ModelRef(**model_ref)
+    tokenizer = load_tokenizer(ref, adapter)
+    if engine == "vllm":
+        from distalign_ray.generation.vllm_engine import VLLMEngine, serve_lora_separately
+        from distalign_ray.models.registry import merged_model_path
+
+        separate = adapter is not None and serve_lora_separately(vllm_lora, adapter)
+        path = merged_model_path(ref, adapter) if adapter is not None and not separate else ref.path
+        return VLLMEngine(path, tokenizer, steering, sampling, adapter=adapter if separate else None, engine_seed=seed, cpus=cpus)
+    if engine != "hf":
+        raise ValueError(f"unknown engine {engine!r}")
+    import torch
+
+    from distalign_ray.generation.hf_engine import HFEngine
+
+    torch.set_num_threads(max(1, int(cpus)))  # 1 thread per actor on 2 cores: 2-thread small matmuls contend badly
+    return HFEngine(load_model(ref, adapter), tokenizer, steering, sampling)
 
 
 class EngineActor:
-    """Callable class for `map_batches`: holds one engine per actor."""
+    """Callable class for `map_batches`: holds one engine per actor, loaded once."""
 
-    def __init__(self, model_ref: dict, adapter: str | None, steering: dict, sampling: dict, engine: str = "hf"):
-        import torch
-
-        from distalign_ray.generation.hf_engine import HFEngine
-        from distalign_ray.models import ModelRef, load_model, load_tokenizer
-
-        torch.set_num_threads(1)  # one thread per actor: 2-thread small matmuls contend badly on 2 cores
-        ref = ModelRef(**model_ref)
-        tokenizer = load_tokenizer(ref, adapter)
-        model = load_model(ref)
-        if len(tokenizer) != model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(len(tokenizer))
-        if adapter:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, adapter)
-        if engine != "hf":
-            raise ValueError(f"unknown engine {engine!r}")
-        self.engine = HFEngine(model, tokenizer, SteeringSetup(**steering), SamplingSettings(**sampling))
+    def __init__(self, engine: str, model_ref: dict, adapter: str | None, steering: dict, sampling: dict, **options):
+        self.engine = build_engine(engine, model_ref, adapter, SteeringSetup(**steering), SamplingSettings(**sampling), **options)
 
     def __call__(self, batch: dict) -> dict:
         out = {"texts": [], "steering_indices": [], "readout": []}
@@ -53,9 +58,12 @@ def run_requests(
     adapter: str | None,
     steering: SteeringSetup,
     sampling: SamplingSettings,
+    engine: str,
     num_actors: int,
     cpus_per_actor: float,
-    engine: str = "hf",
+    gpus_per_actor: float = 0,
+    seed: int = 0,
+    vllm_lora: str = "auto",
 ) -> list[dict]:
     """Run every request (keys: request_id, prompt_ids, n, seed, plus any labels) on an actor pool."""
     import ray
@@ -64,15 +72,19 @@ def run_requests(
     results = dataset.map_batches(
         EngineActor,
         fn_constructor_kwargs={
+            "engine": engine,
             "model_ref": model_ref,
             "adapter": adapter,
             "steering": asdict(steering),
             "sampling": asdict(sampling),
-            "engine": engine,
+            "cpus": cpus_per_actor,
+            "seed": seed,
+            "vllm_lora": vllm_lora,
         },
         compute=ray.data.ActorPoolStrategy(size=num_actors),
         batch_size=1,
         num_cpus=cpus_per_actor,
+        num_gpus=gpus_per_actor,
         batch_format="numpy",
     )
     rows = results.take_all()

@@ -7,6 +7,7 @@ a file lock, so several Ray workers asking at once convert it exactly once and n
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -49,32 +50,62 @@ def _gguf_file(package: str, filename: str) -> Path:
     return path
 
 
-def _convert_gguf(gguf_path: Path, target: Path) -> None:
-    """Dequantise a GGUF checkpoint into a float32 HF folder at `target` (atomic, lock-protected)."""
+def _build_atomically(target: Path, build) -> None:
+    """Run `build(tmp_folder)` and rename the result to `target`, under a lock: concurrent callers
+    build it exactly once and never see a half-written folder."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
         if _is_model_folder(target):
             return
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
         try:
-            folder, name = str(gguf_path.parent), gguf_path.name
-            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32")
-            # Loading from GGUF dequantises every tensor; transformers still marks the model as
-            # quantised and refuses to save it, so drop the marker after checking it is plain fp32.
-            bad = [n for n, p in model.named_parameters() if p.dtype != __import__("torch").float32]
-            if bad:
-                raise DistalignError(f"GGUF conversion left non-float32 tensors: {bad[:3]}")
-            if getattr(model, "hf_quantizer", None) is not None:
-                model.hf_quantizer.remove_quantization_config(model)
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            (tmp / "distalign_source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
+            build(tmp)
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _convert_gguf(gguf_path: Path, target: Path) -> None:
+    """Dequantise a GGUF checkpoint into a float32 HF folder at `target`."""
+
+    def build(tmp: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder, name = str(gguf_path.parent), gguf_path.name
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32")
+        # Loading from GGUF dequantises every tensor; transformers still marks the model as
+        # quantised and refuses to save it, so drop the marker after checking it is plain fp32.
+        bad = [n for n, p in model.named_parameters() if p.dtype != torch.float32]
+        if bad:
+            raise DistalignError(f"GGUF conversion left non-float32 tensors: {bad[:3]}")
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer.remove_quantization_config(model)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "distalign_source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
+
+    _build_atomically(target, build)
+
+
+def merged_model_path(ref: ModelRef, adapter: str | os.PathLike) -> str:
+    """A cached folder holding the base model with the LoRA adapter merged in (keyed by the adapter's
+    weights), for engines where serving the adapter separately is slow (vLLM's CPU LoRA kernels)."""
+    weights = Path(adapter) / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise DistalignError(f"{adapter} has no adapter_model.safetensors")
+    digest = hashlib.sha256(weights.read_bytes() + Path(ref.path).name.encode()).hexdigest()[:16]
+    target = cache_dir() / "merged" / f"{Path(ref.path).name}-{digest}"
+
+    def build(tmp: Path) -> None:
+        model = load_model(ref, adapter).merge_and_unload()
+        model.save_pretrained(tmp)
+        load_tokenizer(ref, adapter).save_pretrained(tmp)
+        (tmp / "distalign_source.json").write_text(json.dumps({"base": ref.path, "adapter": str(Path(adapter).absolute())}))
+
+    _build_atomically(target, build)
+    return str(target)
 
 
 def _is_model_folder(path: Path) -> bool:
@@ -128,6 +159,10 @@ def load_model(ref: ModelRef, adapter: str | os.PathLike | None = None, *, train
     model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch.float32)
     if adapter is not None:
         from peft import PeftModel
+
+        vocab_size = len(load_tokenizer(ref, adapter))  # the adapter may have added steering tokens
+        if vocab_size != model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(vocab_size)
 
         model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable_adapter)
     return model

