@@ -113,7 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--estimator", choices=["sample", "readout"], help="readout: attribute task only")
     cmp.add_argument("--report", help="also write a Markdown results report to this file (e.g. docs/results.md)")
     cmp.add_argument("--config", help="YAML with CompareConfig fields (name, datasets, methods, tasks, finetune:, estimate:)")
+    ui = sub.add_parser("ui", help="serve the project's MLflow store in the MLflow UI (127.0.0.1)")
+    ui.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    ui.add_argument("--port", type=int, default=5000)
     return parser
+
+
+def cmd_ui(args) -> int:
+    from distalign_ray.tracking.mlflow_store import ui_command
+
+    argv, env = ui_command(args.host, args.port)
+    print(f"MLflow UI: http://{args.host}:{args.port}  (store {argv[argv.index('--backend-store-uri') + 1]})", flush=True)
+    os.execvpe(argv[0], argv, env)
 
 
 def cmd_compare(args) -> int:
@@ -236,6 +247,7 @@ COMMANDS = {
     "quickstart": cmd_quickstart,
     "compare": cmd_compare,
     "sweep": cmd_sweep,
+    "ui": cmd_ui,
 }
 
 

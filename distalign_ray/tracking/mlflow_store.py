@@ -120,3 +120,24 @@ class StepLogger:
 
         MlflowClient(tracking_uri=self.uri).log_batch(self.run_id, metrics=self._buffer)
         self._buffer = []
+
+
+def ui_command(host: str = "127.0.0.1", port: int = 5000) -> tuple[list[str], dict[str, str]]:
+    """(argv, environment) of an MLflow server over the project's store, for `distalign ui`.
+
+    One worker and no job runner: the defaults take ~2.6 GB of memory, these ~0.5 GB.
+    """
+    import shutil
+    import sys
+
+    uri = tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        raise DistalignError(f"MLFLOW_TRACKING_URI is {uri}: open that server's UI instead (distalign ui serves the local store)")
+    Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    Path(artifact_root()).mkdir(parents=True, exist_ok=True)
+    mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
+    argv = [
+        mlflow, "server", "--host", host, "--port", str(port), "--workers", "1",
+        "--backend-store-uri", uri, "--artifacts-destination", artifact_root(),
+    ]
+    return argv, {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}

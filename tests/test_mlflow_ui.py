@@ -1,0 +1,87 @@
+"""The MLflow UI over a real sweep, loaded in headless Chromium: the trial runs and their MAE are shown.
+
+`make test` installs Debian's chromium; without a browser binary this test skips (and says so).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+import urllib.request
+
+import mlflow
+import pytest
+
+from distalign_ray.config import FinetuneConfig
+from distalign_ray.data.specs import load_dataset
+from distalign_ray.tracking.mlflow_store import ui_command
+from distalign_ray.tuning.sweep import SweepConfig, run_sweep
+
+BROWSER = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rendered_dom(url: str, profile) -> str:
+    """The DOM after the page's scripts ran (virtual time lets the React app fetch and render)."""
+    command = [
+        BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", f"--user-data-dir={profile}",
+        "--window-size=1600,8000", "--virtual-time-budget=20000", "--dump-dom", url,
+    ]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
+
+
+def _visible_text(dom: str) -> str:
+    dom = re.sub(r"<(script|style)[^>]*>.*?</\1>", " ", dom, flags=re.S)
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(BROWSER is None, reason="no chromium binary (make test installs Debian's chromium)")
+def test_sweep_trials_and_mae_in_the_mlflow_ui(ray_cluster, tiny_model_path, mlflow_uri, tmp_path, monkeypatch):
+    cfg = SweepConfig(
+        name="ui-sweep",
+        num_samples=2,
+        finetune=FinetuneConfig(model=tiny_model_path, num_workers=1, cpus_per_worker=0.5, epochs=1, sft_epochs=1, max_contexts=2),
+        output=str(tmp_path / "best.yaml"),
+    )
+    result = run_sweep(load_dataset("gender-us-real"), cfg)
+    experiment = mlflow.get_experiment_by_name("distalign")
+    trials = mlflow.search_runs([experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{result['parent_run_id']}'")
+    assert len(trials) == 2
+
+    port = _free_port()
+    argv, env = ui_command(port=port)
+    server = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, "MLflow server did not come up"
+                time.sleep(1)
+        # Each trial's run page shows its name and its MAE on held-out templates (val_mae).
+        for _, trial in trials.iterrows():
+            url = f"http://127.0.0.1:{port}/#/experiments/{experiment.experiment_id}/runs/{trial['run_id']}"
+            text = _visible_text(_rendered_dom(url, tmp_path / f"profile-{trial['run_id']}"))
+            assert trial["tags.mlflow.runName"] in text, f"trial {trial['tags.mlflow.runName']} not shown"
+            value = repr(float(trial["metrics.val_mae"]))[:8]  # the page prints the full float
+            assert re.search(r"val_mae\s+" + re.escape(value), text), f"val_mae {value}... not shown"
+        # The experiment's runs table lists the sweep's parent run by name.
+        runs_page = _visible_text(_rendered_dom(f"http://127.0.0.1:{port}/#/experiments/{experiment.experiment_id}/runs", tmp_path / "p2"))
+        assert "sweep-ui-sweep" in runs_page
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
