@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test install install-test browser clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,15 @@ install-test: $(VENV)/.installed-test
 demo: install
 	$(VENV)/bin/distalign quickstart
 
-test: install-test
+# Headless Chromium for the MLflow UI test (Debian package; needs root and the package index).
+# Without it that one test skips and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; }; }; } || \
+	  echo "chromium could not be installed: the MLflow UI browser test will skip"
+
+test: install-test browser
 	OMP_NUM_THREADS=1 DISTALIGN_REQUIRE_VLLM=1 $(VENV)/bin/pytest -q
 
 clean:

