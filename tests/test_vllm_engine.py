@@ -93,8 +93,11 @@ def test_vllm_engine_matches_transformers_and_is_seeded(tiny_vllm_model, random_
     results = []
     for model_path, adapter, steering, reference in cases:
         engine = VLLMEngine(model_path, tokenizer, steering, SamplingSettings(max_new_tokens=6), adapter=adapter, engine_seed=0)
-        readout, id_probs = engine.readout(prompt)
+        readout, id_probs = engine.readouts([prompt])[0]
         first = engine.generate(prompt, 40, seed=11)
+        batch = engine.generate_many([(prompt, 5, 1), (prompt, 0, 2), (prompt, 3, 3)])
+        assert [len(r.texts) for r in batch] == [5, 0, 3] and batch[1].readout == pytest.approx(readout, abs=1e-6)
+        assert [r.texts for r in engine.generate_many([(prompt, 5, 1), (prompt, 0, 2), (prompt, 3, 3)])] == [r.texts for r in batch]
         again = engine.generate(prompt, 40, seed=11)
         other = engine.generate(prompt, 40, seed=12)
         del engine

@@ -41,3 +41,7 @@ class GenerationEngine(ABC):
     def generate(self, prompt_ids: list[int], n: int, seed: int) -> GenerationResult:
         """n samples for one prompt. A steered model first samples the steering id from its softmax
         renormalised over the ids (T=1), places it as the first assistant token, then continues."""
+
+    def generate_many(self, requests: list[tuple[list[int], int, int]]) -> list[GenerationResult]:
+        """(prompt_ids, n, seed) requests served together; engines that batch across prompts override it."""
+        return [self.generate(prompt_ids, n, seed) for prompt_ids, n, seed in requests]

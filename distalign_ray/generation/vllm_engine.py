@@ -197,30 +197,48 @@ class VLLMEngine(GenerationEngine):
             [{"prompt_token_ids": p} for p in prompts], [SamplingParams(**p) for p in params], lora_request=self.lora, use_tqdm=False
         )
 
-    def readout(self, prompt_ids: list[int]) -> tuple[list[float], list[float] | None]:
-        prefixes, tokens = readout_queries(prompt_ids, self.steering)
-        outputs = self._run(prefixes, [forced_token_params(t) for t in tokens])
-        logprobs = np.array([out.outputs[0].logprobs[0][t].logprob for out, t in zip(outputs, tokens)])
-        return readout_from_logprobs(logprobs, self.steering)
+    def readouts(self, prompts: list[list[int]]) -> list[tuple[list[float], list[float] | None]]:
+        queries = [readout_queries(p, self.steering) for p in prompts]
+        flat_prefixes = [prefix for prefixes, _ in queries for prefix in prefixes]
+        flat_tokens = [token for _, tokens in queries for token in tokens]
+        outputs = self._run(flat_prefixes, [forced_token_params(t) for t in flat_tokens])
+        logprobs = np.array([out.outputs[0].logprobs[0][t].logprob for out, t in zip(outputs, flat_tokens)])
+        bounds = np.cumsum([0] + [len(tokens) for _, tokens in queries])
+        return [readout_from_logprobs(logprobs[a:b], self.steering) for a, b in zip(bounds[:-1], bounds[1:])]
 
     def generate(self, prompt_ids: list[int], n: int, seed: int) -> GenerationResult:
+        return self.generate_many([(prompt_ids, n, seed)])[0]
+
+    def generate_many(self, requests: list[tuple[list[int], int, int]]) -> list[GenerationResult]:
+        """One engine call for all readouts, one for all samples (vLLM batches across prompts: ~20%
+        more samples/s than one prompt per call here). The batch's generator is seeded from its
+        requests' seeds, so a batch (fixed by the plan) reproduces whichever actor runs it."""
         import torch
 
-        readout, id_probs = self.readout(prompt_ids)
-        if n == 0:
-            return GenerationResult(texts=[], steering_indices=[], readout=readout)
-        rng = np.random.default_rng(seed)
-        if self.steering.steered:
-            counts = sorted(Counter(draw_steering_ids(id_probs, n, rng)).items())
-            prompts = [prompt_ids + [self.steering.token_ids[j]] for j, _ in counts]
-            params = [sampling_params(self.sampling, c) for _, c in counts]
-            steering_indices = [j for j, c in counts for _ in range(c)]
-        else:
-            prompts, params, steering_indices = [prompt_ids], [sampling_params(self.sampling, n)], [-1] * n
-        torch.manual_seed(int(rng.integers(0, 2**31 - 1)))  # the in-process engine samples from it
-        outputs = self._run(prompts, params)
-        texts = [sample.text.strip() for out in outputs for sample in out.outputs]
-        return GenerationResult(texts=texts, steering_indices=steering_indices, readout=readout)
+        readouts = self.readouts([prompt for prompt, _, _ in requests])
+        prompts, params, steering_indices = [], [], []
+        for (prompt_ids, n, seed), (_, id_probs) in zip(requests, readouts):
+            if n == 0:
+                steering_indices.append([])
+            elif self.steering.steered:
+                counts = sorted(Counter(draw_steering_ids(id_probs, n, np.random.default_rng(seed))).items())
+                prompts += [prompt_ids + [self.steering.token_ids[j]] for j, _ in counts]
+                params += [sampling_params(self.sampling, c) for _, c in counts]
+                steering_indices.append([j for j, c in counts for _ in range(c)])
+            else:
+                prompts.append(prompt_ids)
+                params.append(sampling_params(self.sampling, n))
+                steering_indices.append([-1] * n)
+        texts = []
+        if prompts:
+            seed = np.random.SeedSequence([int(s) for _, _, s in requests]).generate_state(1)[0]
+            torch.manual_seed(int(seed))  # the in-process engine samples from the global generator
+            texts = [sample.text.strip() for out in self._run(prompts, params) for sample in out.outputs]
+        results, position = [], 0
+        for indices, (readout, _) in zip(steering_indices, readouts):
+            results.append(GenerationResult(texts=texts[position : position + len(indices)], steering_indices=indices, readout=readout))
+            position += len(indices)
+        return results
 
 
 def _softmax(logps: np.ndarray) -> np.ndarray:
