@@ -45,7 +45,7 @@ def main() -> None:
     from distalign_ray.data.specs import load_dataset
     from distalign_ray.estimate import execute_plan, plan_estimate
     from distalign_ray.evaluation.classify import LexicalClassifier
-    from distalign_ray.generation.base import SamplingSettings, SteeringSetup
+    from distalign_ray.generation.base import Request, SamplingSettings, SteeringSetup
     from distalign_ray.generation.hf_engine import HFEngine
     from distalign_ray.generation.vllm_engine import vllm_available
     from distalign_ray.models import load_model, load_tokenizer, resolve_model
@@ -63,12 +63,12 @@ def main() -> None:
     def timed_engine(name: str, engine) -> None:
         start, texts = time.time(), []
         for i, prompt in enumerate(prompts):
-            texts += engine.generate(prompt, args.samples, seed=i).texts
+            texts += engine.generate(Request(prompt, args.samples, i)).texts
         rate = len(prompts) * args.samples / (time.time() - start)
         rates.append((name, rate))
         start = time.time()
         for prompt in prompts:
-            engine.generate(prompt, 0, seed=0)  # readout only
+            engine.generate(Request(prompt, 0, 0))  # readout only
         readout_ms[name] = (time.time() - start) / len(prompts) * 1000
         matched.append(np.mean([classify(t) is not None for t in texts]))
 

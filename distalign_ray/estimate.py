@@ -101,6 +101,7 @@ def plan_estimate(spec: DistributionSpec, cfg: EstimateConfig) -> EstimatePlan:
                     "prompt_ids": prompt_ids,
                     "n": n,
                     "seed": _request_seed(cfg.seed, row.context_index, template_position, chunk_index),
+                    "with_readout": chunk_index == 0,  # one readout per (context, template)
                 }
             )
     return EstimatePlan(spec=spec, cfg=cfg, model_ref=model_ref, steering=steering, method=method, requests=requests, engine=engine)
@@ -123,7 +124,7 @@ def _judge_labels(spec: DistributionSpec, cfg: EstimateConfig, texts: list[str])
     for i, text in enumerate(texts):
         messages = [{"role": "user", "content": judge_prompt(spec.attribute, spec.categories, text)}]
         ids = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-        requests.append({"request_id": i, "prompt_ids": ids, "n": 1, "seed": 0})
+        requests.append({"request_id": i, "prompt_ids": ids, "n": 1, "seed": 0, "with_readout": False})
     answers = [tokenizer(spec.answers[c], add_special_tokens=False)["input_ids"] for c in spec.categories]
     rows = run_requests(
         requests, judge_ref.__dict__, None, SteeringSetup(token_ids=None, answer_ids=answers),

@@ -20,6 +20,19 @@ def test_plan_splits_samples_exactly(tiny_model_path):
         per_context[request["context_index"]] = per_context.get(request["context_index"], 0) + request["n"]
     assert per_context == {0: 90, 1: 90, 2: 90}  # the spec's 90, split over 2 templates x 3 chunks
     assert len({r["seed"] for r in plan.requests}) == len(plan.requests)
+    assert [r["with_readout"] for r in plan.requests] == [r["chunk"] == 0 for r in plan.requests]  # one per (context, template)
+
+
+def test_transformers_engine_skips_the_readout_but_not_the_steering(tiny_model_path, tokenizer):
+    from distalign_ray.generation.base import Request, SamplingSettings, SteeringSetup
+    from distalign_ray.generation.hf_engine import HFEngine
+    from distalign_ray.models import ModelRef, load_model
+
+    engine = HFEngine(load_model(ModelRef("tiny", tiny_model_path, True)), tokenizer,
+                      SteeringSetup(token_ids=[32, 33], answer_ids=[[31609], [32032]]), SamplingSettings(max_new_tokens=2))
+    full, skipped = engine.generate(Request([1, 2, 3], 6, 9)), engine.generate(Request([1, 2, 3], 6, 9, with_readout=False))
+    assert len(full.readout) == 2 and skipped.readout == []
+    assert skipped.steering_indices == full.steering_indices and skipped.texts == full.texts  # same draws without it
 
 
 @pytest.mark.slow

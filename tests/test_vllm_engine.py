@@ -16,7 +16,7 @@ from distalign_ray.config import EstimateConfig
 from distalign_ray.data.specs import load_dataset
 from distalign_ray.estimate import run_estimate
 from distalign_ray.evaluation.metrics import engine_distance, same_distribution_bound
-from distalign_ray.generation.base import SamplingSettings, SteeringSetup
+from distalign_ray.generation.base import Request, SamplingSettings, SteeringSetup
 from distalign_ray.generation.vllm_engine import vllm_available
 
 # `make test` installs vLLM and sets DISTALIGN_REQUIRE_VLLM, so there a missing vLLM fails instead of skipping.
@@ -93,13 +93,14 @@ def test_vllm_engine_matches_transformers_and_is_seeded(tiny_vllm_model, random_
     results = []
     for model_path, adapter, steering, reference in cases:
         engine = VLLMEngine(model_path, tokenizer, steering, SamplingSettings(max_new_tokens=6), adapter=adapter, engine_seed=0)
-        readout, id_probs = engine.readouts([prompt])[0]
-        first = engine.generate(prompt, 40, seed=11)
-        batch = engine.generate_many([(prompt, 5, 1), (prompt, 0, 2), (prompt, 3, 3)])
+        readout, id_probs = engine.readouts([Request(prompt, 0, 0)])[0]
+        first = engine.generate(Request(prompt, 40, 11))
+        many = [Request(prompt, 5, 1), Request(prompt, 0, 2), Request(prompt, 3, 3, with_readout=False)]
+        batch = engine.generate_many(many)
         assert [len(r.texts) for r in batch] == [5, 0, 3] and batch[1].readout == pytest.approx(readout, abs=1e-6)
-        assert [r.texts for r in engine.generate_many([(prompt, 5, 1), (prompt, 0, 2), (prompt, 3, 3)])] == [r.texts for r in batch]
-        again = engine.generate(prompt, 40, seed=11)
-        other = engine.generate(prompt, 40, seed=12)
+        assert batch[2].readout == [] and [r.texts for r in engine.generate_many(many)] == [r.texts for r in batch]
+        again = engine.generate(Request(prompt, 40, 11))
+        other = engine.generate(Request(prompt, 40, 12))
         del engine
         gc.collect()
         results.append((readout, id_probs, first))

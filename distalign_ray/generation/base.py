@@ -29,19 +29,30 @@ class SteeringSetup:
         return bool(self.token_ids)
 
 
+@dataclass(frozen=True)
+class Request:
+    """n samples of one prompt from one seed; `with_readout=False` skips the readout (only the first
+    chunk of a (context, template) needs it), keeping just what steered sampling needs."""
+
+    prompt_ids: list[int]
+    n: int
+    seed: int
+    with_readout: bool = True
+
+
 @dataclass
 class GenerationResult:
     texts: list[str]
     steering_indices: list[int]  # -1 when the model is not steered
-    readout: list[float]  # class distribution from token probabilities (no sampling)
+    readout: list[float]  # class distribution from token probabilities (no sampling); [] when skipped
 
 
 class GenerationEngine(ABC):
     @abstractmethod
-    def generate(self, prompt_ids: list[int], n: int, seed: int) -> GenerationResult:
+    def generate(self, request: Request) -> GenerationResult:
         """n samples for one prompt. A steered model first samples the steering id from its softmax
         renormalised over the ids (T=1), places it as the first assistant token, then continues."""
 
-    def generate_many(self, requests: list[tuple[list[int], int, int]]) -> list[GenerationResult]:
-        """(prompt_ids, n, seed) requests served together; engines that batch across prompts override it."""
-        return [self.generate(prompt_ids, n, seed) for prompt_ids, n, seed in requests]
+    def generate_many(self, requests: list[Request]) -> list[GenerationResult]:
+        """Requests served together; engines that batch across prompts override it."""
+        return [self.generate(request) for request in requests]

@@ -7,7 +7,7 @@ import copy
 
 import torch
 
-from distalign_ray.generation.base import GenerationEngine, GenerationResult, SamplingSettings, SteeringSetup
+from distalign_ray.generation.base import GenerationEngine, GenerationResult, Request, SamplingSettings, SteeringSetup
 from distalign_ray.scoring import EncodedPrompts, encode_prompts, score_encoded
 
 
@@ -24,8 +24,9 @@ class HFEngine(GenerationEngine):
         return {"do_sample": True, "temperature": self.sampling.temperature, "top_p": self.sampling.top_p, "top_k": 0}
 
     @torch.no_grad()
-    def readout(self, prompt: EncodedPrompts) -> tuple[list[float], list[float] | None]:
-        """(class distribution, steering-id distribution or None), from token probabilities only.
+    def readout(self, prompt: EncodedPrompts, full: bool = True) -> tuple[list[float], list[float] | None]:
+        """(class distribution, steering-id distribution or None), from token probabilities only;
+        `full=False` returns ([], the steering-id distribution) without scoring any answer.
 
         Steered: P(class k) = sum_j P(id j) * P(answer k | id j), the binding normalised over the K
         answers. Unsteered: forced choice, P(class k) proportional to P(answer k | prompt).
@@ -35,19 +36,24 @@ class HFEngine(GenerationEngine):
         pad = self.tokenizer.pad_token_id
         if self.steering.steered:
             ids = self.steering.token_ids
+            id_probs = torch.softmax(prompt.last_logits[0, ids], dim=-1)
+            if not full:
+                return [], id_probs.tolist()
             completions = [[ids[j]] + answers[c] for j in range(k) for c in range(k)]
             logps = score_encoded(self.model, prompt, [0] * len(completions), completions, pad).token_logps
-            id_probs = torch.softmax(prompt.last_logits[0, ids], dim=-1)
             binding = torch.softmax(logps[:, 1:].sum(-1).view(k, k), dim=-1)  # [id j, answer c]
             return (id_probs @ binding).tolist(), id_probs.tolist()
+        if not full:
+            return [], None
         logps = score_encoded(self.model, prompt, [0] * k, answers, pad).token_logps
         return torch.softmax(logps.sum(-1), dim=-1).tolist(), None
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[int], n: int, seed: int) -> GenerationResult:
+    def generate(self, request: Request) -> GenerationResult:
+        prompt_ids, n, seed = request.prompt_ids, request.n, request.seed
         prompt = encode_prompts(self.model, [prompt_ids], self.tokenizer.pad_token_id)
         cache = copy.deepcopy(prompt.cache)  # the readout consumes the prompt's own cache
-        readout, id_probs = self.readout(prompt)
+        readout, id_probs = self.readout(prompt, full=request.with_readout)
         if n == 0:  # readout-only request
             return GenerationResult(texts=[], steering_indices=[], readout=readout)
         cache.batch_repeat_interleave(n)

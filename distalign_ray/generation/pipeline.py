@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from distalign_ray.generation.base import GenerationEngine, SamplingSettings, SteeringSetup
+import numpy as np
+
+from distalign_ray.generation.base import GenerationEngine, Request, SamplingSettings, SteeringSetup
 
 
 def build_engine(engine: str, model_ref: dict, adapter: str | None, steering: SteeringSetup, sampling: SamplingSettings,
@@ -44,7 +46,11 @@ class EngineActor:
         self.engine = build_engine(engine, model_ref, adapter, SteeringSetup(**steering), SamplingSettings(**sampling), **options)
 
     def __call__(self, batch: dict) -> dict:
-        requests = [([int(t) for t in p], int(n), int(s)) for p, n, s in zip(batch["prompt_ids"], batch["n"], batch["seed"])]
+        flags = batch.get("with_readout", np.ones(len(batch["n"]), dtype=bool))
+        requests = [
+            Request([int(t) for t in p], int(n), int(s), bool(f))
+            for p, n, s, f in zip(batch["prompt_ids"], batch["n"], batch["seed"], flags)
+        ]
         results = self.engine.generate_many(requests)
         out = {
             "texts": [r.texts for r in results],
@@ -73,7 +79,7 @@ def run_requests(
     vllm_lora: str = "auto",
     vllm_backend: str = "actor",
 ) -> list[dict]:
-    """Run every request (keys: request_id, prompt_ids, n, seed, plus any labels) on an actor pool,
+    """Run every request (keys: request_id, prompt_ids, n, seed, optional with_readout, plus any labels) on an actor pool,
     or, for `vllm_backend="ray_llm"`, through Ray Data LLM (see generation/ray_llm.py)."""
     import ray
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from distalign_ray.errors import DistalignError
-from distalign_ray.generation.base import GenerationEngine, GenerationResult, SamplingSettings, SteeringSetup
+from distalign_ray.generation.base import GenerationEngine, GenerationResult, Request, SamplingSettings, SteeringSetup
 
 # vLLM reads these at import/engine start; the defaults fit a 2-core CPU actor, the caller may override.
 CPU_ENVIRONMENT = {
@@ -97,17 +97,20 @@ def serve_lora_separately(mode: str, adapter: str, on_gpu: bool) -> bool:
     return mode == "lora" or (mode == "auto" and on_gpu)
 
 
-def readout_queries(prompt_ids: list[int], steering: SteeringSetup) -> tuple[list[list[int]], list[int]]:
+def readout_queries(prompt_ids: list[int], steering: SteeringSetup, full: bool = True) -> tuple[list[list[int]], list[int]]:
     """The forced-token queries of the readout: (prefixes, token forced after each prefix).
 
     Steered: the K steering ids after the prompt, then every answer token after prompt + id j +
     the answer's earlier tokens (K x K answers). Unsteered: every answer token after the prompt.
+    `full=False`: only the steering-id queries (what steered sampling needs).
     """
     answers = steering.answer_ids
     prefixes, tokens = [], []
     if steering.steered:
         prefixes += [prompt_ids] * len(steering.token_ids)
         tokens += list(steering.token_ids)
+    if not full:
+        return prefixes, tokens
     heads = [prompt_ids + [j] for j in steering.token_ids] if steering.steered else [prompt_ids]
     for head in heads:
         for answer in answers:
@@ -117,11 +120,13 @@ def readout_queries(prompt_ids: list[int], steering: SteeringSetup) -> tuple[lis
     return prefixes, tokens
 
 
-def readout_from_logprobs(logprobs: np.ndarray, steering: SteeringSetup) -> tuple[list[float], list[float] | None]:
+def readout_from_logprobs(logprobs: np.ndarray, steering: SteeringSetup, full: bool = True) -> tuple[list[float], list[float] | None]:
     """Assemble the readout (see HFEngine.readout) from the log-probs of `readout_queries`."""
     answers = steering.answer_ids
     k = len(answers)
     lengths = [len(a) for a in answers]
+    if not full:
+        return [], _softmax(logprobs[:k]).tolist() if steering.steered else None
     if steering.steered:
         id_probs = _softmax(logprobs[:k])
         per_answer = np.add.reduceat(logprobs[k:], np.cumsum([0] + lengths * k)[:-1]).reshape(k, k)
@@ -197,31 +202,35 @@ class VLLMEngine(GenerationEngine):
             [{"prompt_token_ids": p} for p in prompts], [SamplingParams(**p) for p in params], lora_request=self.lora, use_tqdm=False
         )
 
-    def readouts(self, prompts: list[list[int]]) -> list[tuple[list[float], list[float] | None]]:
-        queries = [readout_queries(p, self.steering) for p in prompts]
+    def readouts(self, requests: list[Request]) -> list[tuple[list[float], list[float] | None]]:
+        queries = [readout_queries(r.prompt_ids, self.steering, r.with_readout) for r in requests]
         flat_prefixes = [prefix for prefixes, _ in queries for prefix in prefixes]
         flat_tokens = [token for _, tokens in queries for token in tokens]
-        outputs = self._run(flat_prefixes, [forced_token_params(t) for t in flat_tokens])
+        outputs = self._run(flat_prefixes, [forced_token_params(t) for t in flat_tokens]) if flat_tokens else []
         logprobs = np.array([out.outputs[0].logprobs[0][t].logprob for out, t in zip(outputs, flat_tokens)])
         bounds = np.cumsum([0] + [len(tokens) for _, tokens in queries])
-        return [readout_from_logprobs(logprobs[a:b], self.steering) for a, b in zip(bounds[:-1], bounds[1:])]
+        return [
+            readout_from_logprobs(logprobs[a:b], self.steering, r.with_readout)
+            for a, b, r in zip(bounds[:-1], bounds[1:], requests)
+        ]
 
-    def generate(self, prompt_ids: list[int], n: int, seed: int) -> GenerationResult:
-        return self.generate_many([(prompt_ids, n, seed)])[0]
+    def generate(self, request: Request) -> GenerationResult:
+        return self.generate_many([request])[0]
 
-    def generate_many(self, requests: list[tuple[list[int], int, int]]) -> list[GenerationResult]:
+    def generate_many(self, requests: list[Request]) -> list[GenerationResult]:
         """One engine call for all readouts, one for all samples (vLLM batches across prompts: ~20%
         more samples/s than one prompt per call here). The batch's generator is seeded from its
         requests' seeds, so a batch (fixed by the plan) reproduces whichever actor runs it."""
         import torch
 
-        readouts = self.readouts([prompt for prompt, _, _ in requests])
+        readouts = self.readouts(requests)
         prompts, params, steering_indices = [], [], []
-        for (prompt_ids, n, seed), (_, id_probs) in zip(requests, readouts):
+        for request, (_, id_probs) in zip(requests, readouts):
+            prompt_ids, n = request.prompt_ids, request.n
             if n == 0:
                 steering_indices.append([])
             elif self.steering.steered:
-                counts = sorted(Counter(draw_steering_ids(id_probs, n, np.random.default_rng(seed))).items())
+                counts = sorted(Counter(draw_steering_ids(id_probs, n, np.random.default_rng(request.seed))).items())
                 prompts += [prompt_ids + [self.steering.token_ids[j]] for j, _ in counts]
                 params += [sampling_params(self.sampling, c) for _, c in counts]
                 steering_indices.append([j for j, c in counts for _ in range(c)])
@@ -231,7 +240,7 @@ class VLLMEngine(GenerationEngine):
                 steering_indices.append([-1] * n)
         texts = []
         if prompts:
-            seed = np.random.SeedSequence([int(s) for _, _, s in requests]).generate_state(1)[0]
+            seed = np.random.SeedSequence([r.seed for r in requests]).generate_state(1)[0]
             torch.manual_seed(int(seed))  # the in-process engine samples from the global generator
             texts = [sample.text.strip() for out in self._run(prompts, params) for sample in out.outputs]
         results, position = [], 0
