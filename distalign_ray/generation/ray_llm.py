@@ -15,11 +15,11 @@ import numpy as np
 
 from distalign_ray.generation.base import SamplingSettings, SteeringSetup
 from distalign_ray.generation.vllm_engine import (
+    cpu_process_env,
     draw_steering_ids,
     engine_kwargs,
     forced_token_params,
     readout_from_logprobs,
-    cpu_process_env,
     readout_queries,
     sampling_params,
 )
