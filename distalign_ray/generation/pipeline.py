@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-import numpy as np
-
 from distalign_ray.generation.base import GenerationEngine, Request, SamplingSettings, SteeringSetup
 
 
@@ -52,10 +50,9 @@ class EngineActor:
     def __call__(self, batch: dict) -> dict:
         if self.engine is None:
             self.engine = self.load()
-        flags = batch.get("with_readout", np.ones(len(batch["n"]), dtype=bool))
         requests = [
             Request([int(t) for t in p], int(n), int(s), bool(f))
-            for p, n, s, f in zip(batch["prompt_ids"], batch["n"], batch["seed"], flags)
+            for p, n, s, f in zip(batch["prompt_ids"], batch["n"], batch["seed"], batch["with_readout"])
         ]
         results = self.engine.generate_many(requests)
         out = {
@@ -89,6 +86,8 @@ def run_requests(
     """Run every request (keys: request_id, prompt_ids, n, seed, optional with_readout, plus any labels) on an actor pool,
     or, for `vllm_backend="ray_llm"`, through Ray Data LLM (see generation/ray_llm.py)."""
     import ray
+
+    requests = [{"with_readout": True, **r} for r in requests]  # the default, settled once for both backends
 
     if engine == "vllm" and vllm_backend == "ray_llm":
         from distalign_ray.generation.ray_llm import run_requests_ray_llm

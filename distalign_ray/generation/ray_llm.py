@@ -84,7 +84,7 @@ def run_requests_ray_llm(
 
     queries = []
     for request in requests:
-        prefixes, tokens = readout_queries([int(t) for t in request["prompt_ids"]], steering, bool(request.get("with_readout", True)))
+        prefixes, tokens = readout_queries([int(t) for t in request["prompt_ids"]], steering, bool(request["with_readout"]))
         for q, (prefix, token) in enumerate(zip(prefixes, tokens)):
             queries.append({"key": [int(request["request_id"]), q], "tokens": prefix, "params": forced_token_params(token), "token": token})
     answered = run(queries)
@@ -95,7 +95,7 @@ def run_requests_ray_llm(
     samples, results = [], {}
     for request in requests:
         rid = int(request["request_id"])
-        readout, id_probs = readout_from_logprobs(np.array(logprobs[rid]), steering, bool(request.get("with_readout", True)))
+        readout, id_probs = readout_from_logprobs(np.array(logprobs[rid]), steering, bool(request["with_readout"]))
         rng = np.random.default_rng(int(request["seed"]))
         n = int(request["n"])
         chosen = sorted(draw_steering_ids(id_probs, n, rng)) if steering.steered else [-1] * n  # grouped, as the actor engine returns them
