@@ -55,7 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
 
-    from distalign_ray.cluster import init_ray
+    from distalign_ray.cluster import init_ray, largest_node_cpus
     from distalign_ray.config import EstimateConfig
     from distalign_ray.data.prompts import build_prompts, chat_prompt_ids
     from distalign_ray.data.specs import load_dataset
@@ -114,7 +114,7 @@ def main() -> None:
     for engine_name in ("hf", "vllm") if vllm_available() else ("hf",):
         cfg = EstimateConfig(samples_per_context=args.samples, max_new_tokens=args.max_new_tokens, engine=engine_name)
         plan = plan_estimate(pipeline_spec, cfg)
-        actors, cpus = cfg.actor_layout(plan.engine)
+        actors, cpus = cfg.actor_layout(plan.engine, largest_node_cpus())
         _, seconds = execute_plan(plan)
         label = f"(d) Ray Data pipeline, {engine_name}, {actors} actor(s) x {cpus:g} CPU, {args.pipeline_prompts} contexts (incl. start-up)"
         rates.append((label, args.pipeline_prompts * args.samples / seconds))

@@ -10,11 +10,21 @@ from pathlib import Path
 import yaml
 
 from distalign_ray.errors import DistalignError
+from distalign_ray.storage import use_storage
 
 
-def _load_config_file(path: str | None, section: str) -> dict:
+def _load_config(args, section: str) -> dict:
+    """The command's section of `--config` (none: {}). Shared storage is settled here: `--storage`,
+    else a top-level `storage:` of the config file, else DISTALIGN_STORAGE."""
+    values, storage = _read_config_file(args.config, section)
+    if args.storage or storage:
+        use_storage(args.storage or storage)
+    return values
+
+
+def _read_config_file(path: str | None, section: str) -> tuple[dict, str | None]:
     if not path:
-        return {}
+        return {}, None
     file = Path(path)
     if not file.is_file():
         raise DistalignError(f"config file not found: {path}")
@@ -24,7 +34,11 @@ def _load_config_file(path: str | None, section: str) -> dict:
         raise DistalignError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(document, dict):
         raise DistalignError(f"config {path}: expected a mapping")
-    return document.get(section, document if section in ("quickstart", "compare", "sweep") else {})
+    document = dict(document)
+    storage = document.pop("storage", None)
+    if storage is not None and (not isinstance(storage, str) or not storage):
+        raise DistalignError(f"config {path}: storage must be a folder or a URI")
+    return document.get(section, document if section in ("quickstart", "compare", "sweep") else {}), storage
 
 
 def _validated(model_cls, values: dict, origin: str):
@@ -50,6 +64,11 @@ def _spec_args(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distalign", description=__doc__)
+    parser.add_argument(
+        "--storage",
+        help="shared storage every Ray node reads: a folder all nodes mount or a URI such as s3://bucket/prefix "
+        "(also `storage:` in a config file, or DISTALIGN_STORAGE; default: the project folder, one machine)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     est = sub.add_parser("estimate", help="estimate a model's output distribution per context")
@@ -130,7 +149,7 @@ def cmd_ui(args) -> int:
 def cmd_compare(args) -> int:
     from distalign_ray.compare import CompareConfig, run_compare
 
-    values = _load_config_file(args.config, "compare") if args.config else {}
+    values = _load_config(args, "compare")
     values.update(_overrides(args, ["name", "datasets", "methods", "tasks"]))
     cfg = _validated(CompareConfig, values, "compare config")
     finetune = cfg.finetune.model_dump() | _overrides(args, ["max_contexts"])
@@ -146,7 +165,7 @@ def cmd_sweep(args) -> int:
     from distalign_ray.data.specs import load_spec
     from distalign_ray.tuning.sweep import SweepConfig, run_sweep
 
-    values = _load_config_file(args.config, "sweep") if args.config else {}
+    values = _load_config(args, "sweep")
     values.update(_overrides(args, ["name", "num_samples", "search", "scheduler", "output"]))
     cfg = _validated(SweepConfig, values, "sweep config")
     spec = load_spec(args.dataset, args.spec)
@@ -190,7 +209,7 @@ def cmd_estimate(args) -> int:
     from distalign_ray.estimate import plan_estimate, run_estimate
     from distalign_ray.tracking.mlflow_store import check_tracking
 
-    values = _load_config_file(args.config, "estimate")
+    values = _load_config(args, "estimate")
     values.update(_overrides(args, ["model", "adapter", "samples_per_context", "estimator", "task", "max_contexts", "prompt_engineering", "seed"]))
     cfg = _validated(EstimateConfig, values, "estimate config")
     spec = load_spec(args.dataset, args.spec)
@@ -208,12 +227,13 @@ def cmd_estimate(args) -> int:
 def cmd_finetune(args) -> int:
     import mlflow
 
+    from distalign_ray.adapters import adapter_on_this_node
     from distalign_ray.config import FinetuneConfig
     from distalign_ray.data.specs import load_spec
     from distalign_ray.tracking.mlflow_store import check_tracking, log_params, start_run
     from distalign_ray.training.finetune import run_finetune, validate_finetune
 
-    values = _load_config_file(args.config, "finetune")
+    values = _load_config(args, "finetune")
     values.update(_overrides(args, ["model", "loss_mode", "init_adapter", "epochs", "num_workers", "max_contexts", "seed"]))
     cfg = _validated(FinetuneConfig, values, "finetune config")
     spec = load_spec(args.dataset, args.spec)
@@ -223,7 +243,7 @@ def cmd_finetune(args) -> int:
         log_params(cfg.model_dump())
         result = run_finetune(spec, cfg, args.output, mlflow_run_id=run.info.run_id)
         mlflow.log_metrics({k: v for k, v in result["metrics"].items() if isinstance(v, float)} | {"seconds": result["seconds"]})
-        mlflow.log_artifacts(result["adapter"], artifact_path="adapter")
+        mlflow.log_artifacts(adapter_on_this_node(result["adapter"]), artifact_path="adapter")
     print(f"adapter written to {result['adapter']} in {result['seconds']:.0f}s; MLflow run {run.info.run_id}")
     return 0
 
@@ -231,7 +251,7 @@ def cmd_finetune(args) -> int:
 def cmd_quickstart(args) -> int:
     from distalign_ray.quickstart import QuickstartConfig, run_quickstart
 
-    values = _load_config_file(args.config, "quickstart")
+    values = _load_config(args, "quickstart")
     cfg = _validated(QuickstartConfig, values, "quickstart config")
     finetune = cfg.finetune.model_dump() | _overrides(args, ["epochs", "num_workers", "max_contexts", "model"])
     estimate = cfg.estimate.model_dump() | _overrides(args, ["samples_per_context", "max_contexts"])

@@ -1,7 +1,7 @@
 """The comparison job: methods x datasets x tasks, one MLflow parent run with a child run per cell.
 
 Resumable: the parent run is found again by its name, finished cells (child runs with status
-FINISHED) are skipped, and trained adapters are reused from `<home>/compare/<name>/`.
+FINISHED) are skipped, and trained adapters are reused from `<storage>/compare/<name>/`.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from distalign_ray import storage
 from distalign_ray.config import EstimateConfig, FinetuneConfig
 from distalign_ray.data.specs import load_dataset
 from distalign_ray.errors import DistalignError
@@ -63,7 +64,7 @@ def finished_cells(parent_id: str) -> dict[str, str]:
     return {r.data.tags["cell"]: r.info.run_id for r in runs}
 
 
-def _train(method: Method, dataset: str, cfg: CompareConfig, adapters: Path, spec) -> Path:
+def _train(method: Method, dataset: str, cfg: CompareConfig, adapters: str, spec) -> str:
     """Train `method` on `dataset` unless its adapter already exists (a child run per training)."""
     import mlflow
     import ray
@@ -73,12 +74,12 @@ def _train(method: Method, dataset: str, cfg: CompareConfig, adapters: Path, spe
     from distalign_ray.tracking.mlflow_store import log_params, start_run
     from distalign_ray.training.finetune import run_finetune
 
-    output = adapters / dataset / method.name
-    if (output / "adapter_config.json").is_file():
+    output = storage.join(adapters, dataset, method.name)
+    if storage.is_complete_folder(output) and storage.exists(storage.join(output, "adapter_config.json")):
         return output
     update = {"loss_mode": method.loss_mode}
     if method.init_from:
-        update["init_adapter"] = str(adapters / dataset / method.init_from)
+        update["init_adapter"] = storage.join(adapters, dataset, method.init_from)
     ft = cfg.finetune.model_copy(update=update)
     tags = {"kind": "train", "dataset": dataset, "method": method.name, "model": ft.model, "compare": cfg.name}
     with start_run(f"train:{method.name}:{dataset}", tags=tags, nested=True) as run:
@@ -87,9 +88,9 @@ def _train(method: Method, dataset: str, cfg: CompareConfig, adapters: Path, spe
         mlflow.log_metrics({k: v for k, v in result["metrics"].items() if isinstance(v, float)} | {"seconds": result["seconds"]})
         if cfg.capability:
             model_ref = resolve_model(ft.model).__dict__
-            mlflow.log_metrics(ray.get(ray.remote(num_cpus=1)(capability_metrics).remote(model_ref, str(output))))
+            mlflow.log_metrics(ray.get(ray.remote(num_cpus=1)(capability_metrics).remote(model_ref, output)))
         if cfg.lm_eval_tasks:
-            mlflow.log_metrics(lm_eval_hook(resolve_model(ft.model).path, str(output), cfg.lm_eval_tasks))
+            mlflow.log_metrics(lm_eval_hook(resolve_model(ft.model).path, output, cfg.lm_eval_tasks))
     return output
 
 
@@ -122,7 +123,7 @@ def run_compare(cfg: CompareConfig, console=None, report: str | Path | None = No
     check_tracking()
     methods, specs = validate_compare(cfg)
     init_ray()
-    adapters = home_dir() / "compare" / cfg.name
+    adapters = storage.join(storage.storage_root(), "compare", cfg.name)
     experiment_id = ensure_experiment()
     parent_id = _parent_run(cfg.name)
     if parent_id is None:

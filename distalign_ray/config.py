@@ -56,7 +56,9 @@ class FinetuneConfig(_Config):
     weight_decay: float = Field(0.0, ge=0)
     lora: LoraSettings = Field(default_factory=LoraSettings)
     num_workers: int = Field(2, ge=0, description="Ray Train workers; 0 = local mode in this process")
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per Ray Train worker")
+    use_gpu: bool = Field(False, description="train on GPUs: one device per worker from Ray Train, bf16 autocast, NCCL")
+    gpus_per_worker: float = Field(1.0, gt=0, description="GPUs reserved per Ray Train worker when use_gpu")
     max_contexts: int | None = Field(None, gt=0, description="train on the first N contexts only")
     templates: list[str] | None = Field(None, description="attribute templates to train on (default: all)")
     validation_templates: list[str] | None = Field(
@@ -68,6 +70,8 @@ class FinetuneConfig(_Config):
 
     @model_validator(mode="after")
     def _check_mode(self) -> "FinetuneConfig":
+        if self.use_gpu and self.num_workers == 0:
+            raise ValueError("use_gpu needs Ray Train workers (num_workers >= 1)")
         if self.loss_mode not in (*LOSS_MODES, "ift", "dpo"):
             raise ValueError(f"loss_mode must be one of {sorted(LOSS_MODES) + ['dpo', 'ift']}")
         return self
@@ -86,9 +90,13 @@ class EstimateConfig(_Config):
     engine: Literal["auto", "vllm", "hf"] = Field("auto", description="auto = vLLM when importable, else transformers")
     num_actors: int | None = Field(None, ge=1, description="engine actors; default: transformers 2, vLLM 1 (on GPUs: set it to the GPU count)")
     cpus_per_actor: float | None = Field(None, gt=0, description="default: transformers 1, vLLM on CPU all of the host's cores")
-    gpus_per_actor: float = Field(0, ge=0, description="GPUs per engine actor (vLLM on GPU clusters)")
+    gpus_per_actor: float = Field(
+        0, ge=0, description="GPUs per engine actor (vLLM on GPU clusters); a whole number > 1 = tensor parallelism over them"
+    )
     vllm_backend: Literal["auto", "actor", "ray_llm"] = Field(
-        "auto", description="vLLM in our actor pool (n samples per request) or Ray Data LLM (one row per sample, per-row seeds); auto = ray_llm on GPUs"
+        "auto",
+        description="vLLM in our actor pool (readout and n samples per request from one warm engine pool; auto) "
+        "or Ray Data LLM (one row per sample, per-row seeds; its processor runs twice per estimate: readout, then samples)",
     )
     vllm_lora: Literal["auto", "lora", "merge"] = Field(
         "auto", description="serve an adapter via vLLM LoRA or merged into the base; auto = LoRA on GPU, merged on CPU"
@@ -101,15 +109,19 @@ class EstimateConfig(_Config):
     )
     judge_model: str = Field("smollm2-135m", description="judge model (any alias, folder or hub id)")
 
+    @model_validator(mode="after")
+    def _check_gpus(self) -> "EstimateConfig":
+        if self.gpus_per_actor > 1 and not float(self.gpus_per_actor).is_integer():
+            raise ValueError("gpus_per_actor above 1 is tensor parallelism: give a whole number of GPUs")
+        return self
+
     def new_tokens(self) -> int:
         return self.max_new_tokens or (96 if self.task == "story" else 12)
 
-    def actor_layout(self, engine: str) -> tuple[int, float]:
-        """(actors, CPUs per actor) for the resolved engine: a CPU vLLM engine uses every core of its
-        host, so one per host."""
-        import os
-
+    def actor_layout(self, engine: str, node_cpus: int) -> tuple[int, float]:
+        """(actors, CPUs per actor) for the resolved engine: a CPU vLLM engine uses every core of a
+        node (`node_cpus`: the largest node's), so one per node."""
         vllm_on_cpu = engine == "vllm" and self.gpus_per_actor == 0
-        cpus = self.cpus_per_actor or (float(os.cpu_count() or 1) if vllm_on_cpu else 1.0)
+        cpus = self.cpus_per_actor or (float(node_cpus) if vllm_on_cpu else 1.0)
         return self.num_actors or (1 if engine == "vllm" else 2), cpus
     seed: int = 0

@@ -20,6 +20,7 @@ from distalign_ray.generation.base import SamplingSettings, SteeringSetup
 from distalign_ray.generation.vllm_engine import choose_engine
 from distalign_ray.models import ModelRef, load_tokenizer, resolve_model
 from distalign_ray.paths import home_dir
+from distalign_ray.storage import join, normalize, shared_storage_configured, storage_root, write_folder
 
 SAMPLE_COLUMNS = ("context_index", "context", "template", "request_id", "seed", "steering_id", "text", "label")
 
@@ -40,7 +41,7 @@ class EstimateResult:
     report: DistributionReport
     readout: DistributionReport | None
     readout_sample_diff: float | None
-    samples_path: Path | None
+    samples_path: str | Path | None  # a local path, or a storage location when shared storage is set
     run_id: str | None
     seconds: float
     method: str
@@ -66,8 +67,9 @@ def plan_estimate(spec: DistributionSpec, cfg: EstimateConfig) -> EstimatePlan:
     tokenizer = load_tokenizer(model_ref)
     answer_ids = [tokenizer(spec.answers[c], add_special_tokens=False)["input_ids"] for c in spec.categories]
     if cfg.adapter:
-        from distalign_ray.training.finetune import read_adapter_meta
+        from distalign_ray.adapters import adapter_on_this_node, read_adapter_meta
 
+        cfg = cfg.model_copy(update={"adapter": normalize(cfg.adapter)})
         meta = read_adapter_meta(cfg.adapter)
         if meta["categories"] != spec.categories:
             raise DistalignError(
@@ -75,7 +77,7 @@ def plan_estimate(spec: DistributionSpec, cfg: EstimateConfig) -> EstimatePlan:
             )
         if engine == "vllm" and cfg.vllm_lora == "lora" and meta.get("added_special_tokens"):
             raise DistalignError("this adapter added steering tokens; vLLM serves it merged only (vllm_lora: merge or auto)")
-        tokenizer = load_tokenizer(model_ref, cfg.adapter)
+        tokenizer = load_tokenizer(model_ref, adapter_on_this_node(cfg.adapter))
         steering = SteeringSetup(token_ids=list(meta["steering_token_ids"]) or None, answer_ids=answer_ids)
         method = meta.get("loss_mode", "adapter")
     else:
@@ -175,7 +177,9 @@ def _samples_table(rows: list[dict], spec: DistributionSpec, cfg: EstimateConfig
 
 
 def engine_options(cfg: EstimateConfig, engine: str) -> dict:
-    num_actors, cpus = cfg.actor_layout(engine)
+    from distalign_ray.cluster import largest_node_cpus
+
+    num_actors, cpus = cfg.actor_layout(engine, largest_node_cpus())
     return {
         "engine": engine,
         "num_actors": num_actors,
@@ -183,11 +187,12 @@ def engine_options(cfg: EstimateConfig, engine: str) -> dict:
         "gpus_per_actor": cfg.gpus_per_actor,
         "seed": cfg.seed,
         "vllm_lora": cfg.vllm_lora,
-        "vllm_backend": cfg.vllm_backend if cfg.vllm_backend != "auto" else ("ray_llm" if cfg.gpus_per_actor > 0 else "actor"),
+        "vllm_backend": "actor" if cfg.vllm_backend == "auto" else cfg.vllm_backend,
     }
 
 
 def execute_plan(plan: EstimatePlan) -> tuple[list[dict], float]:
+    from distalign_ray.adapters import publish_adapter
     from distalign_ray.cluster import init_ray
     from distalign_ray.generation.pipeline import run_requests
 
@@ -197,7 +202,7 @@ def execute_plan(plan: EstimatePlan) -> tuple[list[dict], float]:
     rows = run_requests(
         plan.requests,
         plan.model_ref.__dict__,
-        str(Path(plan.cfg.adapter).absolute()) if plan.cfg.adapter else None,
+        publish_adapter(plan.cfg.adapter),  # engines on any node read it from storage
         plan.steering,
         sampling,
         **engine_options(plan.cfg, plan.engine),
@@ -277,10 +282,12 @@ def run_estimate(spec: DistributionSpec, cfg: EstimateConfig, tags: dict | None 
     """Plan (validate), generate on Ray Data, summarise, and log one MLflow run."""
     import mlflow
 
+    from distalign_ray.cluster import init_ray
     from distalign_ray.evaluation.plots import plot_distributions
     from distalign_ray.tracking.mlflow_store import log_params, start_run
 
     plan = plan or plan_estimate(spec, cfg)
+    init_ray()  # before logging the engine layout: it depends on the cluster's nodes
     run_name = run_name or f"estimate-{plan.spec.name}-{plan.method}-{cfg.task}-{cfg.estimator}"
     with start_run(run_name, tags=estimation_tags(plan, tags), nested=mlflow.active_run() is not None) as run:
         log_params({"estimate": cfg.model_dump(), "engine": engine_options(cfg, plan.engine), "dataset": plan.spec.name, "num_requests": len(plan.requests)})
@@ -305,6 +312,10 @@ def run_estimate(spec: DistributionSpec, cfg: EstimateConfig, tags: dict | None 
             f"{plan.spec.name} - {plan.method} ({cfg.estimator}) MAE {report.mae:.3f}", output_dir / "distribution.png",
         )
         mlflow.log_artifacts(str(output_dir))
+        if shared_storage_configured():  # the run's tables beside the adapters and checkpoints
+            stored = join(storage_root(), "runs", run.info.run_id)
+            write_folder(output_dir, stored)
+            samples_path = join(stored, "samples.parquet") if samples_path else None
     return EstimateResult(report, readout, diff, samples_path, run.info.run_id, seconds, plan.method)
 
 

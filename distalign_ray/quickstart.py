@@ -4,13 +4,12 @@ estimate again, and print the before/after comparison. Everything lands in one M
 from __future__ import annotations
 
 import time
-from pathlib import Path
-
 from pydantic import BaseModel, ConfigDict, Field
 
 from distalign_ray.config import EstimateConfig, FinetuneConfig
 from distalign_ray.data.specs import load_spec
-from distalign_ray.paths import home_dir
+from distalign_ray.adapters import adapter_on_this_node
+from distalign_ray.storage import join, storage_root
 
 
 
@@ -19,7 +18,7 @@ class QuickstartConfig(BaseModel):
 
     dataset: str = "gender-uk-real"
     spec: str | None = None
-    output: str | None = Field(None, description="adapter folder (default: <home>/adapters/quickstart-<time>)")
+    output: str | None = Field(None, description="adapter folder or storage URI (default: <storage>/adapters/quickstart-<time>)")
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     # The spec's own protocol (100 samples per context for gender-UK-real); about 8 min in all on 2 cores.
     estimate: EstimateConfig = Field(default_factory=EstimateConfig)
@@ -35,7 +34,7 @@ def run_quickstart(cfg: QuickstartConfig, console=None) -> dict:
 
     console = console or Console()
     spec = load_spec(None if cfg.spec else cfg.dataset, cfg.spec)
-    output = Path(cfg.output or home_dir() / "adapters" / f"quickstart-{time.strftime('%Y%m%d-%H%M%S')}")
+    output = cfg.output or join(storage_root(), "adapters", f"quickstart-{time.strftime('%Y%m%d-%H%M%S')}")
     estimate_before = cfg.estimate.model_copy(update={"model": cfg.finetune.model, "adapter": None})
     # Fail fast on every input before Ray or any model work starts.
     check_tracking()
@@ -57,17 +56,17 @@ def run_quickstart(cfg: QuickstartConfig, console=None) -> dict:
             log_params(cfg.finetune.model_dump())
             trained = run_finetune(spec, cfg.finetune, output, mlflow_run_id=ft_run.info.run_id)
             mlflow.log_metrics({k: v for k, v in trained["metrics"].items() if isinstance(v, float)})
-            mlflow.log_artifacts(str(output), artifact_path="adapter")
+            mlflow.log_artifacts(adapter_on_this_node(trained["adapter"]), artifact_path="adapter")
         timings["finetune_s"] = time.time() - t
 
         console.rule("[bold]3/3 estimate the fine-tuned model")
         t = time.time()
-        estimate_after = estimate_before.model_copy(update={"adapter": str(output)})
+        estimate_after = estimate_before.model_copy(update={"adapter": trained["adapter"]})
         after = run_estimate(spec, estimate_after, tags={"stage": "after"}, run_name="after")
         timings["estimate_after_s"] = time.time() - t
         timings["total_s"] = time.time() - started
         mlflow.log_metrics({"before_mae": before.report.mae, "after_mae": after.report.mae, **timings})
-    summary = {"before": before, "after": after, "timings": timings, "adapter": str(output), "parent_run_id": parent.info.run_id}
+    summary = {"before": before, "after": after, "timings": timings, "adapter": trained["adapter"], "parent_run_id": parent.info.run_id}
     print_comparison(console, spec.subset(cfg.estimate.max_contexts), before, after, timings, tracking_uri())
     return summary
 

@@ -22,10 +22,15 @@ class EncodedPrompts:
     lengths: torch.Tensor  # [U] real prompt lengths
 
 
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 def encode_prompts(model, prompts: list[list[int]], pad_id: int) -> EncodedPrompts:
     width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    device = model_device(model)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     return EncodedPrompts(
@@ -47,18 +52,19 @@ def score_encoded(
     model, encoded: EncodedPrompts, row_prompt: list[int], completions: list[list[int]], pad_id: int
 ) -> CompletionScores:
     """Score `completions[r]` after prompt `row_prompt[r]`. Consumes `encoded.cache`."""
-    index = torch.tensor(row_prompt)
+    device = encoded.last_logits.device
+    index = torch.tensor(row_prompt, device=device)
     width = max(1, max(len(c) for c in completions))
-    ids = torch.tensor([list(c) + [pad_id] * (width - len(c)) for c in completions])
-    completion_mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in completions])
+    ids = torch.tensor([list(c) + [pad_id] * (width - len(c)) for c in completions], device=device)
+    completion_mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in completions], device=device)
     first_logits = encoded.last_logits[index]
     columns = [torch.log_softmax(first_logits, dim=-1).gather(-1, ids[:, :1])]
     if width > 1:
         cache = encoded.cache
         cache.batch_select_indices(index)
         rows = len(completions)
-        attention = torch.cat([encoded.attention_mask[index], torch.ones(rows, width - 1, dtype=torch.long)], dim=1)
-        positions = encoded.lengths[index].unsqueeze(1) + torch.arange(width - 1).unsqueeze(0)
+        attention = torch.cat([encoded.attention_mask[index], torch.ones(rows, width - 1, dtype=torch.long, device=device)], dim=1)
+        positions = encoded.lengths[index].unsqueeze(1) + torch.arange(width - 1, device=device).unsqueeze(0)
         out = model(
             input_ids=ids[:, :-1], attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True
         )

@@ -30,3 +30,18 @@ def test_cluster_installs_the_gpu_extra_and_passes_mlflow_to_every_node():
     assert extras["gpu"] == ["ray[llm]==2.60.0"]  # pins vLLM to the version Ray 2.60 was tested with
     for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
         assert any("MLFLOW_TRACKING_URI=http://" in c and "ray start" in c for c in commands)
+
+
+def test_cluster_ships_a_token_and_shared_storage_to_every_node():
+    root = Path(__file__).parents[1]
+    config = yaml.safe_load((root / "cluster.yaml").read_text())
+    token = "/home/ray/.ray/auth_token"
+    assert config["file_mounts"][token] == "~/.ray/auth_token"  # generated before `ray up`
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        start = next(c for c in commands if "ray start" in c)
+        assert "RAY_AUTH_MODE=token" in start and f"RAY_AUTH_TOKEN_PATH={token}" in start
+        assert "DISTALIGN_STORAGE=/mnt/distalign/storage" in start
+    # The shared mount reaches the container, and MLflow keeps its store on it (not in the container).
+    assert any("/mnt/distalign:/mnt/distalign" in option for option in config["docker"]["run_options"])
+    server = next(c for c in config["head_start_ray_commands"] if "mlflow server" in c)
+    assert "sqlite:////mnt/distalign/" in server and "--artifacts-destination /mnt/distalign/" in server

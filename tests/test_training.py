@@ -12,7 +12,8 @@ from distalign_ray.config import FinetuneConfig
 from distalign_ray.data.specs import load_dataset
 from distalign_ray.data.steering import prepare_steering_vocab
 from distalign_ray.models import ModelRef, load_model, load_tokenizer
-from distalign_ray.training.finetune import read_adapter_meta, run_finetune
+from distalign_ray.adapters import read_adapter_meta
+from distalign_ray.training.finetune import run_finetune
 from distalign_ray.training.objective import steering_readout
 
 
@@ -65,6 +66,7 @@ def test_two_ray_train_workers_loss_down_checkpoint_restorable(ray_cluster, tiny
         result = run_finetune(spec, cfg, tmp_path / "adapter", mlflow_run_id=run.info.run_id)
     history = mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "align/loss")
     losses = [m.value for m in sorted(history, key=lambda m: m.step)]
+    assert result["metrics"]["device"] == "cpu"  # what Ray Train's get_device() gave the workers
     assert len(losses) == 3 * 4  # 3 epochs x (8 prompts / 2 per batch)
     assert sum(losses[-4:]) < sum(losses[:4])
     readout = mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "val_mae")

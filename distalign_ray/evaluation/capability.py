@@ -26,12 +26,14 @@ def _token_logprobs(model, tokenizer, texts: list[str]) -> list[tuple[torch.Tens
 
 @torch.no_grad()
 def capability_metrics(model_ref: dict, adapter: str) -> dict[str, float]:
-    """{perplexity_base, perplexity_adapted, kl_from_base} on the neutral text set."""
-    from distalign_ray.models import ModelRef, load_model, load_tokenizer
+    """{perplexity_base, perplexity_adapted, kl_from_base} on the neutral text set (runs on any node:
+    the model is resolved and the adapter fetched from storage where it runs)."""
+    from distalign_ray.adapters import adapter_on_this_node
+    from distalign_ray.models import load_model, load_tokenizer, model_on_this_node
 
-    ref = ModelRef(**model_ref)
+    ref = model_on_this_node(model_ref)
     tokenizer = load_tokenizer(ref)
-    model = load_model(ref, adapter).eval()
+    model = load_model(ref, adapter_on_this_node(adapter)).eval()
     texts = neutral_texts()
     with model.disable_adapter():
         base = _token_logprobs(model, tokenizer, texts)

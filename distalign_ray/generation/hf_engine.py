@@ -8,12 +8,13 @@ import copy
 import torch
 
 from distalign_ray.generation.base import GenerationEngine, GenerationResult, Request, SamplingSettings, SteeringSetup
-from distalign_ray.scoring import EncodedPrompts, encode_prompts, score_encoded
+from distalign_ray.scoring import EncodedPrompts, encode_prompts, model_device, score_encoded
 
 
 class HFEngine(GenerationEngine):
     def __init__(self, model, tokenizer, steering: SteeringSetup, sampling: SamplingSettings):
         self.model = model.eval()
+        self.device = model_device(model)
         self.tokenizer = tokenizer
         self.steering = steering
         self.sampling = sampling
@@ -60,10 +61,10 @@ class HFEngine(GenerationEngine):
         generator = torch.Generator().manual_seed(seed)
         if self.steering.steered:
             chosen = torch.multinomial(torch.tensor(id_probs), n, replacement=True, generator=generator).tolist()
-            inputs = torch.tensor([prompt_ids + [self.steering.token_ids[j]] for j in chosen])  # id = 1st new token
+            inputs = torch.tensor([prompt_ids + [self.steering.token_ids[j]] for j in chosen], device=self.device)  # id = 1st new token
         else:
             chosen = [-1] * n
-            inputs = torch.tensor([prompt_ids] * n)
+            inputs = torch.tensor([prompt_ids] * n, device=self.device)
             cache.crop(-1)  # generate needs at least one uncached input token
         # HF sampling draws from the global generator: seed it per request so results do not depend
         # on which actor runs the request or in what order.

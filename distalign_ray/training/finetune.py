@@ -1,26 +1,26 @@
-"""Driver side of fine-tuning: validate, run the Ray Train `TorchTrainer`, save the adapter atomically."""
+"""Driver side of fine-tuning: validate, run the Ray Train `TorchTrainer`, install the adapter atomically."""
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import time
 from pathlib import Path
 
+from distalign_ray import storage
+from distalign_ray.adapters import read_adapter_meta
 from distalign_ray.config import FinetuneConfig
 from distalign_ray.data.specs import DistributionSpec
 from distalign_ray.data.steering import prepare_steering_vocab
 from distalign_ray.errors import DistalignError
 from distalign_ray.models import load_tokenizer, resolve_model
-from distalign_ray.paths import home_dir
-from distalign_ray.training.loop import ADAPTER_DIR, train_loop_per_worker
+from distalign_ray.training.launcher import build_trainer, train_storage
+from distalign_ray.training.loop import ADAPTER_DIR
 from distalign_ray.training.stages import uses_steering
 
 
-def check_output_dir(output: str | Path) -> Path:
-    output = Path(output).absolute()
-    if output.exists() and any(output.iterdir()):
+def check_output_dir(output: str | Path) -> str:
+    """The adapter's destination (a folder or a storage URI), which must be absent or empty."""
+    output = storage.normalize(output)
+    if not storage.folder_is_empty_or_absent(output):
         raise DistalignError(f"output folder {output} already exists and is not empty; choose another --output")
     return output
 
@@ -39,16 +39,17 @@ def validate_finetune(spec: DistributionSpec, cfg: FinetuneConfig, output: str |
 
 def run_finetune(spec: DistributionSpec, cfg: FinetuneConfig, output: str | Path, mlflow_run_id: str | None = None) -> dict:
     """Fine-tune and write the adapter to `output`. Returns the final metrics and timings."""
-    import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from distalign_ray.cluster import init_ray
+    from distalign_ray.adapters import publish_adapter
+    from distalign_ray.cluster import check_worker_tracking, init_ray
     from distalign_ray.tracking.mlflow_store import tracking_uri
 
     model_ref, output = validate_finetune(spec, cfg, output)
     if cfg.num_workers > 0:
         init_ray()
+        if mlflow_run_id:
+            check_worker_tracking(tracking_uri())
+    if cfg.init_adapter:  # workers on any node read it from storage
+        cfg = cfg.model_copy(update={"init_adapter": publish_adapter(cfg.init_adapter)})
     loop_config = {
         "finetune": cfg.model_dump(),
         "spec": spec.model_dump(),
@@ -57,45 +58,13 @@ def run_finetune(spec: DistributionSpec, cfg: FinetuneConfig, output: str | Path
         "mlflow_uri": tracking_uri(),
     }
     run_name = f"finetune-{spec.name}-{cfg.loss_mode}-{int(time.time())}"
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=False, resources_per_worker={"CPU": cfg.cpus_per_worker}
-        ),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=str(home_dir() / "ray_results"),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-    )
+    trainer = build_trainer(cfg, loop_config, run_name, train_storage("ray_results"))
     started = time.time()
     result = trainer.fit()
     if result.error is not None:
         raise result.error
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
-    _install_adapter(result.checkpoint, output)
-    return {"metrics": dict(result.metrics or {}), "seconds": time.time() - started, "adapter": str(output)}
-
-
-def _install_adapter(checkpoint, output: Path) -> None:
-    """Copy the final adapter next to `output`, then rename: `output` is complete or absent."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.parent / f".{output.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    with checkpoint.as_directory() as folder:
-        shutil.copytree(Path(folder) / ADAPTER_DIR, staging)
-    if output.exists():
-        output.rmdir()  # empty, checked before training
-    os.replace(staging, output)
-
-
-def read_adapter_meta(adapter: str | Path) -> dict:
-    from distalign_ray.training.loop import META_FILE
-
-    path = Path(adapter) / META_FILE
-    if not path.is_file():
-        raise DistalignError(f"{adapter} is not a distalign adapter folder (missing {META_FILE})")
-    return json.loads(path.read_text())
+    with result.checkpoint.as_directory() as folder:  # downloaded from storage when it is remote
+        storage.write_folder(Path(folder) / ADAPTER_DIR, output)
+    return {"metrics": dict(result.metrics or {}), "seconds": time.time() - started, "adapter": output}

@@ -1,33 +1,35 @@
 """The Ray Train worker loop: LoRA on the base model, stage 1 SFT, stage 2 hybrid, a checkpoint per epoch.
 
-Runs identically in a Ray Train worker group (DDP over gloo) and in local mode (`num_workers=0`).
-`ray.train.report` blocks ~2 s here, so it is called once per epoch; step metrics go straight to MLflow
-from rank 0, batched.
+Runs identically in a Ray Train worker group (DDP: gloo on CPUs, NCCL on GPUs) and in local mode
+(`num_workers=0`). The device comes from Ray Train (`get_device`); on CUDA the forward passes run
+under bf16 autocast, on CPUs in fp32. The model and any starting adapter are resolved on the worker's
+own node (nothing is read from a driver-local path). `ray.train.report` blocks ~2 s here, so it is
+called once per epoch; step metrics go straight to MLflow from rank 0, batched.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
 import shutil
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
+from distalign_ray.adapters import adapter_on_this_node, write_adapter_meta
 from distalign_ray.config import FinetuneConfig
 from distalign_ray.data.specs import DistributionSpec
 from distalign_ray.data.steering import answer_ids, prepare_steering_vocab
-from distalign_ray.models import ModelRef, load_model, load_tokenizer
+from distalign_ray.models import load_model, load_tokenizer, model_on_this_node
 from distalign_ray.tracking.mlflow_store import StepLogger
 from distalign_ray.scoring import CompletionScorer
 from distalign_ray.training.stages import build_stages, readout_probs, uses_steering, validation_set
 
 STATE_FILE = "training_state.pt"
 ADAPTER_DIR = "adapter"
-META_FILE = "distalign_meta.json"
 
 
 def _distributed() -> bool:
@@ -71,7 +73,7 @@ def build_lora(model, cfg: FinetuneConfig, extra_token_ids: list[int] | None):
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if cfg.init_adapter:  # continue training a saved adapter (DPO starts from the IFT adapter)
-        return PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True)
+        return PeftModel.from_pretrained(model, adapter_on_this_node(cfg.init_adapter), is_trainable=True)
     lora = LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
@@ -90,9 +92,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     cfg = FinetuneConfig.model_validate(loop_config["finetune"])
     spec = DistributionSpec.model_validate(loop_config["spec"]).subset(cfg.max_contexts)
-    model_ref = ModelRef(**loop_config["model_ref"])
+    model_ref = model_on_this_node(loop_config["model_ref"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed + rank)
 
     tokenizer = load_tokenizer(model_ref)
@@ -104,10 +107,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model.train()
     pad_id = tokenizer.pad_token_id
     trainable = [p for p in model.parameters() if p.requires_grad]
-    scorer = CompletionScorer(model, pad_id)
-    stages = build_stages(cfg, spec, tokenizer, vocab, scorer, z0_reduce=_all_reduce_mean)
+    scorer = CompletionScorer(model, pad_id).to(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    with autocast:
+        stages = build_stages(cfg, spec, tokenizer, vocab, scorer, z0_reduce=_all_reduce_mean)
     if world > 1:
-        scorer = ray.train.torch.prepare_model(scorer, parallel_strategy="ddp")
+        scorer = ray.train.torch.prepare_model(scorer, move_to_device=device, parallel_strategy="ddp")
     validation = validation_set(spec, tokenizer, cfg.validation_templates or cfg.templates)
     answers = [answer_ids(tokenizer, spec.answers[c])[:-1] for c in spec.categories]
 
@@ -128,7 +133,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / STATE_FILE, weights_only=False)
+            state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
 
@@ -140,6 +145,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 sched.load_state_dict(sched_state)
 
     logger = StepLogger(loop_config.get("mlflow_run_id") if rank == 0 else None, loop_config.get("mlflow_uri"))
+    if start_index > 0:  # a restarted worker group: say where it resumed (visible in MLflow)
+        logger.log({"resumed_at_step": float(global_step)}, global_step)
     steering_ids = vocab.token_ids if vocab is not None else None
 
     for plan_index in range(start_index, len(plan)):
@@ -148,7 +155,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         opt, sched = optimizer_for(name)
         epoch_losses = []
         for batch in batches(stage.groups, cfg.prompts_per_batch, cfg.seed * 1000 + plan_index, rank, world):
-            parts = stage.step(scorer, batch)
+            with autocast:
+                parts = stage.step(scorer, batch)
             opt.zero_grad(set_to_none=True)
             parts["loss"].backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
@@ -160,8 +168,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 metrics = {f"{name}/{k}": float(v.detach()) for k, v in parts.items()}
                 metrics.update({f"{name}/grad_norm": float(grad_norm), f"{name}/lr": sched.get_last_lr()[0]})
                 logger.log(metrics, global_step)
-        metrics = _epoch_metrics(model, validation, steering_ids, answers, pad_id, epoch_losses, rank, world)
-        metrics.update(stage=name, epoch=epoch, plan_index=plan_index, global_step=global_step)
+        with autocast:
+            metrics = _epoch_metrics(model, validation, steering_ids, answers, pad_id, epoch_losses, rank, world)
+        metrics.update(stage=name, epoch=epoch, plan_index=plan_index, global_step=global_step, device=str(device))
         logger.log({k: v for k, v in metrics.items() if isinstance(v, float)}, global_step)
         logger.flush()
         _report_with_checkpoint(model, tokenizer, vocab, spec, cfg, optimizers, metrics, rank, loop_config)
@@ -173,12 +182,13 @@ def _epoch_metrics(model, validation, steering_ids, answers, pad_id, losses, ran
     mine = validation[rank::world]
     probs = readout_probs(model, [p for p, _ in mine], steering_ids, answers, pad_id) if mine else None
     model.train()
-    abs_err = torch.zeros(2)
+    device = next(model.parameters()).device  # NCCL reduces device tensors only
+    abs_err = torch.zeros(2, device=device)
     if probs is not None:
-        targets = torch.tensor([t for _, t in mine])
-        abs_err[0] = (probs - targets).abs().mean(-1).sum()
+        targets = torch.tensor([t for _, t in mine], device=device)
+        abs_err[0] = (probs.float() - targets).abs().mean(-1).sum()
         abs_err[1] = len(mine)
-    loss = torch.tensor([sum(losses), len(losses)], dtype=torch.float32)
+    loss = torch.tensor([sum(losses), len(losses)], dtype=torch.float32, device=device)
     if _distributed():
         torch.distributed.all_reduce(abs_err)
         torch.distributed.all_reduce(loss)
@@ -211,8 +221,7 @@ def _report_with_checkpoint(model, tokenizer, vocab, spec, cfg, optimizers, metr
         model.save_pretrained(os.path.join(folder, ADAPTER_DIR))
         if vocab is not None and vocab.added_special_tokens:
             tokenizer.save_pretrained(os.path.join(folder, ADAPTER_DIR))
-        meta = adapter_meta(vocab, spec, cfg, loop_config["model_ref"]["name"])
-        Path(folder, ADAPTER_DIR, META_FILE).write_text(json.dumps(meta, indent=2))
+        write_adapter_meta(os.path.join(folder, ADAPTER_DIR), adapter_meta(vocab, spec, cfg, loop_config["model_ref"]["name"]))
         torch.save(
             {
                 "plan_index": metrics["plan_index"],

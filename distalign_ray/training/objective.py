@@ -74,16 +74,17 @@ def hybrid_step_loss(
     rows = len(examples)
     out = {}
     kl = kto = None
+    device = first_logits.device
     if use_kl:
-        targets = torch.tensor([e.target for e in examples], dtype=torch.float32)
-        kl = steering_kl_loss(first_logits[:rows], torch.tensor(steering_token_ids), targets, cfg.kl_normalization)
+        targets = torch.tensor([e.target for e in examples], dtype=torch.float32, device=device)
+        kl = steering_kl_loss(first_logits[:rows], torch.tensor(steering_token_ids, device=device), targets, cfg.kl_normalization)
         out["steering_kl"] = kl.detach()
     if use_kto:
         logps = (token_logps * mask).sum(-1)
         with torch.no_grad(), reference_disabled(scorer):
             _, ref_token_logps, _ = unwrap(scorer)(prompts, completions)
             reference = (ref_token_logps * mask).sum(-1)
-        desirable = torch.tensor([e.desirable for e in examples])
+        desirable = torch.tensor([e.desirable for e in examples], device=device)
         result = kto_loss(
             logps[:rows],
             reference[:rows],
@@ -126,8 +127,8 @@ def dpo_step_loss(scorer, pairs, cfg) -> dict:
     loss, margins = dpo_loss(
         logps[:rows],
         logps[rows:],
-        torch.tensor([p.reference_chosen for p in pairs]),
-        torch.tensor([p.reference_rejected for p in pairs]),
+        torch.tensor([p.reference_chosen for p in pairs], device=logps.device),
+        torch.tensor([p.reference_rejected for p in pairs], device=logps.device),
         beta=cfg.beta,
     )
     return {"loss": loss, "dpo": loss.detach(), "reward_margin": margins.mean(), "accuracy": (margins > 0).float().mean()}

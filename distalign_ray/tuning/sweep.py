@@ -1,9 +1,15 @@
 """`distalign sweep`: Ray Tune over Ray Train V2 through a driver function (V2 refuses `Tuner(trainer)`).
 
-Each trial builds and fits a `TorchTrainer`; its per-epoch `val_mae` (the steering readout on
-held-out templates, already reduced over workers) reaches Tune through `TuneReportCallback`, so ASHA
-can stop bad trials early. MLflow gets a parent run and one child run per trial; the best config is
-written as a `finetune:` YAML that `distalign finetune --config` and `compare --config` accept.
+Each trial builds and fits a `TorchTrainer` (the same launcher as `finetune`); its per-epoch
+`val_mae` (the steering readout on held-out templates, already reduced over workers) reaches Tune
+through `TuneReportCallback`, so ASHA can stop bad trials early. MLflow gets a parent run and one
+child run per trial; the best config is written as a `finetune:` YAML that `distalign finetune
+--config` and `compare --config` accept.
+
+Concurrency follows the trials' resource requests, not the resources present at start: a trial's
+driver function reserves only a little memory (it coordinates; it never holds the CPUs or GPUs its
+workers need), and each trial's Train run waits until its worker group can be placed — a request an
+autoscaler sees and scales up for. `max_concurrent_trials` caps it explicitly.
 """
 
 from __future__ import annotations
@@ -34,8 +40,12 @@ class SweepConfig(BaseModel):
     train_templates: list[str] = Field(default_factory=lambda: ["attribute_0"])
     validation_templates: list[str] = Field(default_factory=lambda: ["attribute_1"], description="held out")
     finetune: FinetuneConfig = Field(default_factory=lambda: FinetuneConfig(num_workers=1, cpus_per_worker=0.5))
-    driver_cpus: float = Field(0.5, gt=0, description="CPU of each trial's driver function")
-    max_concurrent_trials: int | None = Field(None, gt=0, description="default: what the cluster's CPUs allow")
+    driver_memory_mb: int = Field(
+        256, gt=0, description="memory each trial's driver function reserves (it reserves no CPU, so it never starves its workers)"
+    )
+    max_concurrent_trials: int | None = Field(
+        None, gt=0, description="cap on trials running at once; default: as many as the cluster can place workers for"
+    )
     output: str | None = Field(None, description="best-config YAML (default <home>/sweeps/<name>/best.yaml)")
     seed: int = 0
 
@@ -44,36 +54,25 @@ def _trial(config: dict, spec: dict, model_ref: dict, storage_path: str) -> None
     """One trial: a full Ray Train fit whose epoch reports flow to Tune. `config` holds only what
     MLflow should show as the trial's params: the sampled values and the base finetune config."""
     from ray import tune
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from distalign_ray.training.loop import train_loop_per_worker
+    from distalign_ray.training.launcher import build_trainer
 
     finetune = FinetuneConfig.model_validate(config["finetune"] | {k: config[k] for k in SEARCHED})
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"finetune": finetune.model_dump(), "spec": spec, "model_ref": model_ref},
-        scaling_config=ScalingConfig(
-            num_workers=finetune.num_workers, use_gpu=False, resources_per_worker={"CPU": finetune.cpus_per_worker}
-        ),
-        run_config=RunConfig(
-            name=f"trial-{tune.get_context().get_trial_id()}",
-            storage_path=storage_path,
-            callbacks=[TuneReportCallback()],
-        ),
-    )
-    trainer.fit()
+    loop_config = {"finetune": finetune.model_dump(), "spec": spec, "model_ref": model_ref}
+    name = f"trial-{tune.get_context().get_trial_id()}"
+    result = build_trainer(finetune, loop_config, name, storage_path, callbacks=[TuneReportCallback()]).fit()
+    if result.error is not None:
+        raise result.error
 
 
-def concurrent_trials(cfg: SweepConfig, cluster_cpus: float) -> int:
-    per_trial = cfg.driver_cpus + max(1, cfg.finetune.num_workers) * cfg.finetune.cpus_per_worker
-    return cfg.max_concurrent_trials or max(1, int(cluster_cpus // per_trial))
+def trial_resources(cfg: SweepConfig) -> dict:
+    """What Tune reserves for a trial's driver function: memory only (no CPU, no GPU)."""
+    return {"CPU": 0, "memory": cfg.driver_memory_mb * 1024**2}
 
 
 def run_sweep(spec, cfg: SweepConfig) -> dict:
     import mlflow
-    import ray
     from ray import tune
     from ray.air.integrations.mlflow import MLflowLoggerCallback
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -82,12 +81,12 @@ def run_sweep(spec, cfg: SweepConfig) -> dict:
     from distalign_ray.models import resolve_model
     from distalign_ray.tracking.mlflow_store import check_tracking, log_params, start_run, tracking_uri
     from distalign_ray.training.finetune import validate_finetune
+    from distalign_ray.training.launcher import train_storage
 
     check_tracking()
     base = cfg.finetune.model_copy(update={"templates": cfg.train_templates, "validation_templates": cfg.validation_templates})
     model_ref = resolve_model(base.model)
-    folder = home_dir() / "sweeps" / cfg.name
-    validate_finetune(spec, base, folder / "unused-adapter")
+    validate_finetune(spec, base, home_dir() / "sweeps" / cfg.name / "unused-adapter")
     init_ray()
     space = {k: tune.loguniform(*getattr(cfg, k)) for k in SEARCHED}
     search_alg = None
@@ -105,18 +104,18 @@ def run_sweep(spec, cfg: SweepConfig) -> dict:
         tuner = tune.Tuner(
             tune.with_resources(
                 tune.with_parameters(
-                    _trial, spec=spec.model_dump(), model_ref=model_ref.__dict__, storage_path=str(folder / "train")
+                    _trial, spec=spec.model_dump(), model_ref=model_ref.__dict__, storage_path=train_storage("sweeps", cfg.name, "train")
                 ),
-                {"CPU": cfg.driver_cpus},
+                trial_resources(cfg),
             ),
             param_space={**space, "finetune": base.model_dump()},
             tune_config=tune.TuneConfig(
                 metric="val_mae", mode="min", num_samples=cfg.num_samples, scheduler=scheduler, search_alg=search_alg,
-                max_concurrent_trials=concurrent_trials(cfg, ray.cluster_resources().get("CPU", 1)),
+                max_concurrent_trials=cfg.max_concurrent_trials,
             ),
             run_config=tune.RunConfig(
                 name=cfg.name,
-                storage_path=str(folder / "tune"),
+                storage_path=train_storage("sweeps", cfg.name, "tune"),
                 callbacks=[
                     MLflowLoggerCallback(
                         tracking_uri=tracking_uri(), experiment_name="distalign",
@@ -128,7 +127,7 @@ def run_sweep(spec, cfg: SweepConfig) -> dict:
         results = tuner.fit()
         best = results.get_best_result(metric="val_mae", mode="min", scope="all")
         best_finetune = cfg.finetune.model_copy(update={k: best.config[k] for k in SEARCHED})
-        output = Path(cfg.output) if cfg.output else folder / "best.yaml"
+        output = Path(cfg.output) if cfg.output else home_dir() / "sweeps" / cfg.name / "best.yaml"
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(yaml.safe_dump({"finetune": best_finetune.model_dump()}, sort_keys=False))
         best_mae = float(best.metrics_dataframe["val_mae"].min())
