@@ -73,7 +73,7 @@ def main() -> None:
     answers = [tokenizer(spec.answers[c], add_special_tokens=False)["input_ids"] for c in spec.categories]
     steering = SteeringSetup(None, answers)
     sampling = SamplingSettings(args.max_new_tokens)
-    classify = LexicalClassifier(spec.categories, spec.aliases)
+    classify = LexicalClassifier(spec.categories, spec.match_terms())
     rates, readout_ms = [], {}
 
     def timed_engine(name: str, engine) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from distalign_ray.errors import DistalignError
+from distalign_ray.errors import CheckFailed, DistalignError
 from distalign_ray.storage import use_storage
 
 
@@ -225,13 +225,10 @@ def cmd_estimate(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    import mlflow
-
-    from distalign_ray.adapters import adapter_on_this_node
     from distalign_ray.config import FinetuneConfig
     from distalign_ray.data.specs import load_spec
     from distalign_ray.tracking.mlflow_store import check_tracking, log_params, start_run
-    from distalign_ray.training.finetune import run_finetune, validate_finetune
+    from distalign_ray.training.finetune import check_binding, describe_result, log_finetune_result, run_finetune, validate_finetune
 
     values = _load_config(args, "finetune")
     values.update(_overrides(args, ["model", "loss_mode", "init_adapter", "epochs", "num_workers", "max_contexts", "seed"]))
@@ -242,9 +239,10 @@ def cmd_finetune(args) -> int:
     with start_run(f"finetune-{spec.name}-{cfg.loss_mode}", tags={"dataset": spec.name, "method": cfg.loss_mode, "model": cfg.model, "task": "attribute"}) as run:
         log_params(cfg.model_dump())
         result = run_finetune(spec, cfg, args.output, mlflow_run_id=run.info.run_id)
-        mlflow.log_metrics({k: v for k, v in result["metrics"].items() if isinstance(v, float)} | {"seconds": result["seconds"]})
-        mlflow.log_artifacts(adapter_on_this_node(result["adapter"]), artifact_path="adapter")
-    print(f"adapter written to {result['adapter']} in {result['seconds']:.0f}s; MLflow run {run.info.run_id}")
+        log_finetune_result(result, cfg)
+        print("\n".join(describe_result(result, cfg)))
+        print(f"adapter written to {result['adapter']}; MLflow run {run.info.run_id}")
+        check_binding(result, cfg)  # a failed check ends the MLflow run as FAILED
     return 0
 
 
@@ -279,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     except DistalignError as exc:
         print(f"distalign: error: {exc}", file=sys.stderr)
         return 2
+    except CheckFailed as exc:
+        print(f"distalign: check failed: {exc}", file=sys.stderr)
+        return CheckFailed.exit_code
 
 
 if __name__ == "__main__":

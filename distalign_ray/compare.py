@@ -72,7 +72,7 @@ def _train(method: Method, dataset: str, cfg: CompareConfig, adapters: str, spec
     from distalign_ray.evaluation.capability import capability_metrics, lm_eval_hook
     from distalign_ray.models import resolve_model
     from distalign_ray.tracking.mlflow_store import log_params, start_run
-    from distalign_ray.training.finetune import run_finetune
+    from distalign_ray.training.finetune import log_finetune_result, run_finetune
 
     output = storage.join(adapters, dataset, method.name)
     if storage.is_complete_folder(output) and storage.exists(storage.join(output, "adapter_config.json")):
@@ -85,7 +85,7 @@ def _train(method: Method, dataset: str, cfg: CompareConfig, adapters: str, spec
     with start_run(f"train:{method.name}:{dataset}", tags=tags, nested=True) as run:
         log_params(ft.model_dump())
         result = run_finetune(spec, ft, output, mlflow_run_id=run.info.run_id)
-        mlflow.log_metrics({k: v for k, v in result["metrics"].items() if isinstance(v, float)} | {"seconds": result["seconds"]})
+        log_finetune_result(result, ft)  # a cell records its binding check; the comparison table shows it
         if cfg.capability:
             model_ref = resolve_model(ft.model).__dict__
             mlflow.log_metrics(ray.get(ray.remote(num_cpus=1)(capability_metrics).remote(model_ref, output)))

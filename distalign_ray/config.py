@@ -20,7 +20,9 @@ class LoraSettings(_Config):
     r: int = Field(16, gt=0, description="LoRA rank")
     alpha: int = Field(32, gt=0, description="LoRA alpha (scale = alpha / r)")
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], description="modules that get LoRA adapters"
+    )
 
 
 class FinetuneConfig(_Config):
@@ -35,6 +37,12 @@ class FinetuneConfig(_Config):
     beta: float = Field(0.1, gt=0, description="KTO (and DPO) beta")
     desirable_weight: float = Field(1.0, gt=0, description="KTO lambda_D")
     undesirable_weight: float = Field(1.0, gt=0, description="KTO lambda_U")
+    kto_balance: Literal["pairs", "rows"] = Field(
+        "pairs",
+        description="pairs: desirable and undesirable rows weigh equally, as in the paper's batches of (desirable, "
+        "undesirable) pairs; rows: the plain mean over the K x K rows (K - 1 undesirable rows per desirable one "
+        "outweigh the binding when K >= 3). Identical for K = 2",
+    )
     kl_normalization: Literal["steering", "vocab"] = Field(
         "steering", description="renormalise the model over the steering ids (default) or use the full vocabulary"
     )
@@ -42,18 +50,44 @@ class FinetuneConfig(_Config):
         False,
         description="include the steering id in the SFT/KTO log-probs (the paper does; we leave the id to the KL)",
     )
-    steering_tokens: Literal["auto", "digits", "special"] = "auto"
-    sft_epochs: int = Field(2, ge=0)
-    sft_lr: float = Field(2e-3, gt=0)
-    epochs: int = Field(5, ge=1, description="stage-2 epochs")
-    lr: float = Field(2e-3, gt=0)
-    prompts_per_batch: int = Field(
-        8, gt=0, description="prompts per global batch; each brings all its K x K steering examples (split over workers)"
+    steering_tokens: Literal["auto", "digits", "special"] = Field(
+        "auto", description="steering ids: digits 0..K-1 (auto for K <= 10) or added special tokens (auto above)"
     )
-    warmup_ratio: float = Field(0.1, ge=0, le=1)
+    sft_epochs: int | None = Field(
+        None, ge=0, description="stage-1 (SFT) epochs; default: at least 2 and enough for min_sft_steps; 0 = no SFT"
+    )
+    sft_lr: float = Field(2e-3, gt=0, description="stage-1 peak learning rate")
+    epochs: int | None = Field(
+        None, ge=1, description="stage-2 (or baseline) epochs; default: at least 5 and enough for min_steps"
+    )
+    lr: float = Field(2e-3, gt=0, description="stage-2 (or baseline) peak learning rate")
+    prompts_per_batch: int | None = Field(
+        None,
+        gt=0,
+        description="prompts per global batch, each with all its K x K steering examples (split over workers); "
+        "default: ceil(prompts / 6), at most 8, so a small spec gets small batches and more steps",
+    )
+    min_sft_steps: int = Field(14, ge=0, description="stage-1 optimizer steps at least, when sft_epochs is not given")
+    min_steps: int = Field(35, ge=0, description="stage-2 (or baseline) optimizer steps at least, when epochs is not given")
+    binding_check: Literal["fail", "report"] = Field(
+        "fail",
+        description="after training, check that every steering id gives its class's answer: fail = finetune/quickstart "
+        "exit with code 3 and one line when a threshold is missed; report = print and log only",
+    )
+    binding_threshold: float = Field(
+        0.95, ge=0, le=1, description="binding check: each id's greedy answer is its class on at least this share of prompts"
+    )
+    binding_answer_threshold: float = Field(
+        0.8,
+        ge=0,
+        le=1,
+        description="binding check: each id's exact trained answer has at least this mean probability (the share of "
+        "temperature-1 samples that give it)",
+    )
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="linear warm-up, as a fraction of each stage's steps")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay floor, as a fraction of lr")
-    max_grad_norm: float = Field(1.0, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     lora: LoraSettings = Field(default_factory=LoraSettings)
     num_workers: int = Field(2, ge=0, description="Ray Train workers; 0 = local mode in this process")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per Ray Train worker")
@@ -65,7 +99,7 @@ class FinetuneConfig(_Config):
         None, description="templates of the per-epoch `val_mae` readout (default: the training templates); held-out in sweeps"
     )
     log_every: int = Field(1, ge=1, description="MLflow step-metric interval (rank 0, batched)")
-    seed: int = 42
+    seed: int = Field(42, description="seeds the LoRA init, batch order and dropout (rank r uses seed + r)")
     max_failures: int = Field(0, ge=0, description="Ray Train worker-group restarts from the last checkpoint")
 
     @model_validator(mode="after")
@@ -108,6 +142,7 @@ class EstimateConfig(_Config):
         "auto", description="stories: lexical word counts (gender only) or the LLM judge; auto = lexical for gender"
     )
     judge_model: str = Field("smollm2-135m", description="judge model (any alias, folder or hub id)")
+    seed: int = Field(0, description="seeds sampling (per request) and the bootstrap intervals")
 
     @model_validator(mode="after")
     def _check_gpus(self) -> "EstimateConfig":
@@ -124,4 +159,3 @@ class EstimateConfig(_Config):
         vllm_on_cpu = engine == "vllm" and self.gpus_per_actor == 0
         cpus = self.cpus_per_actor or (float(node_cpus) if vllm_on_cpu else 1.0)
         return self.num_actors or (1 if engine == "vllm" else 2), cpus
-    seed: int = 0

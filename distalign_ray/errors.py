@@ -3,3 +3,9 @@
 
 class DistalignError(Exception):
     """Bad input detected before any expensive work (spec, model, tracking store, ...)."""
+
+
+class CheckFailed(Exception):
+    """Work finished but its result fails a check (e.g. the binding check): one line, exit code 3."""
+
+    exit_code = 3

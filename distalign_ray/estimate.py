@@ -133,13 +133,13 @@ def _judge_labels(spec: DistributionSpec, cfg: EstimateConfig, texts: list[str])
         SamplingSettings(max_new_tokens=8, temperature=0.0),
         **engine_options(cfg, choose_engine(cfg.engine, judge_ref.path, on_gpu=cfg.gpus_per_actor > 0)),
     )
-    return [parse_judge_reply(str(r["texts"][0]), spec.categories, spec.aliases) for r in rows]
+    return [parse_judge_reply(str(r["texts"][0]), spec.categories, spec.match_terms()) for r in rows]
 
 
 def classify_texts(spec: DistributionSpec, cfg: EstimateConfig, texts: list[str]) -> tuple[list[int | None], dict]:
     """Labels for every text, and extra metrics (judge agreement with the lexical classifier)."""
     if cfg.task == "attribute":
-        classifier = LexicalClassifier(spec.categories, spec.aliases)
+        classifier = LexicalClassifier(spec.categories, spec.match_terms())
         return [classifier(t) for t in texts], {}
     from distalign_ray.evaluation.story import GenderLexicon
 

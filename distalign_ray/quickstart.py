@@ -8,7 +8,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from distalign_ray.config import EstimateConfig, FinetuneConfig
 from distalign_ray.data.specs import load_spec
-from distalign_ray.adapters import adapter_on_this_node
 from distalign_ray.storage import join, storage_root
 
 
@@ -30,7 +29,7 @@ def run_quickstart(cfg: QuickstartConfig, console=None) -> dict:
 
     from distalign_ray.estimate import plan_estimate, run_estimate
     from distalign_ray.tracking.mlflow_store import check_tracking, log_params, start_run, tracking_uri
-    from distalign_ray.training.finetune import run_finetune, validate_finetune
+    from distalign_ray.training.finetune import check_binding, describe_result, log_finetune_result, run_finetune, validate_finetune
 
     console = console or Console()
     spec = load_spec(None if cfg.spec else cfg.dataset, cfg.spec)
@@ -55,8 +54,10 @@ def run_quickstart(cfg: QuickstartConfig, console=None) -> dict:
         with start_run("finetune", tags={"dataset": spec.name, "method": cfg.finetune.loss_mode, "model": cfg.finetune.model, "task": "attribute"}, nested=True) as ft_run:
             log_params(cfg.finetune.model_dump())
             trained = run_finetune(spec, cfg.finetune, output, mlflow_run_id=ft_run.info.run_id)
-            mlflow.log_metrics({k: v for k, v in trained["metrics"].items() if isinstance(v, float)})
-            mlflow.log_artifacts(adapter_on_this_node(trained["adapter"]), artifact_path="adapter")
+            log_finetune_result(trained, cfg.finetune)
+            for line in describe_result(trained, cfg.finetune):
+                console.print(line)
+            check_binding(trained, cfg.finetune)  # never estimate a broken adapter as if it worked
         timings["finetune_s"] = time.time() - t
 
         console.rule("[bold]3/3 estimate the fine-tuned model")
@@ -66,7 +67,7 @@ def run_quickstart(cfg: QuickstartConfig, console=None) -> dict:
         timings["estimate_after_s"] = time.time() - t
         timings["total_s"] = time.time() - started
         mlflow.log_metrics({"before_mae": before.report.mae, "after_mae": after.report.mae, **timings})
-    summary = {"before": before, "after": after, "timings": timings, "adapter": trained["adapter"], "parent_run_id": parent.info.run_id}
+    summary = {"before": before, "after": after, "timings": timings, "adapter": trained["adapter"], "binding": trained["binding"], "parent_run_id": parent.info.run_id}
     print_comparison(console, spec.subset(cfg.estimate.max_contexts), before, after, timings, tracking_uri())
     return summary
 

@@ -18,6 +18,7 @@ from distalign_ray.data.steering import answer_ids, prepare_steering_vocab
 from distalign_ray.models import ModelRef, load_model, load_tokenizer
 from distalign_ray.scoring import CompletionScorer
 from distalign_ray.training import loop
+from distalign_ray.training.budget import plan_budget
 from distalign_ray.training.stages import build_stages, validation_set
 
 PACKAGE = str(Path(distalign_ray.__file__).parent)
@@ -53,7 +54,7 @@ def test_training_tensors_follow_the_model_device(tiny_model_path, loss_mode):
     scorer = CompletionScorer(model, tokenizer.pad_token_id)
     audit = DeviceAudit()
     with audit:
-        stages = build_stages(cfg, spec, tokenizer, vocab, scorer)
+        stages = build_stages(cfg, spec, tokenizer, vocab, scorer, plan_budget(cfg, spec))
         for stage in stages:
             stage.step(scorer, [e for group in stage.groups[:2] for e in group])["loss"].backward()
         answers = [answer_ids(tokenizer, spec.answers[c])[:-1] for c in spec.categories]

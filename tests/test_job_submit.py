@@ -60,7 +60,7 @@ def test_quickstart_via_ray_job_submit(tiny_model_path, tmp_path):
     config = {
         "dataset": "gender-us-real",
         "output": str(tmp_path / "adapter"),
-        "finetune": {"model": tiny_model_path, "num_workers": 2, "epochs": 1, "sft_epochs": 1, "max_contexts": 2},
+        "finetune": {"model": tiny_model_path, "num_workers": 2, "epochs": 1, "sft_epochs": 1, "max_contexts": 2, "binding_check": "report"},
         "estimate": {"samples_per_context": 4, "max_contexts": 2, "max_new_tokens": 3},
     }
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))

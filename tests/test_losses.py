@@ -106,3 +106,36 @@ def test_dpo_hand_computed():
     expected = [-math.log(_sigmoid(beta * x)) for x in m]
     assert margins.tolist() == pytest.approx([beta * x for x in m])
     assert loss.item() == pytest.approx(sum(expected) / 2)
+
+
+def _row_weights(balance: str, desirable: torch.Tensor) -> torch.Tensor:
+    """d loss / d log-ratio of each row, at log-ratio 0 and z0 0 (every row's sigmoid slope is equal)."""
+    policy = torch.zeros(len(desirable), requires_grad=True)
+    zeros = torch.zeros(len(desirable))
+    kto_loss(policy, zeros, desirable, zeros, zeros, balance=balance).loss.backward()
+    return policy.grad.abs()
+
+
+def test_kto_pairs_balance_gives_desirable_and_undesirable_rows_equal_weight():
+    """The cause of issue 11's collapse: a steering group of K = 3 classes has 3 desirable and 6
+    undesirable rows; the plain mean gives the undesirable rows twice the desirable rows' weight,
+    pushing every answer down. `pairs` (the default) weighs both kinds equally, as the paper's
+    one-to-one (desirable, undesirable) pairs do."""
+    from distalign_ray.config import FinetuneConfig
+
+    k = 3
+    desirable = torch.tensor([j == c for j in range(k) for c in range(k)])
+    weights = _row_weights(FinetuneConfig().kto_balance, desirable)
+    assert weights[desirable].sum().item() == pytest.approx(weights[~desirable].sum().item())
+    plain = _row_weights("rows", desirable)
+    assert plain[~desirable].sum().item() == pytest.approx((k - 1) * plain[desirable].sum().item())
+
+
+def test_kto_balances_agree_for_two_classes():
+    policy = torch.tensor([-1.0, -2.0, -3.0, -0.5])
+    reference = torch.tensor([-1.5, -1.0, -3.0, -1.0])
+    desirable = torch.tensor([True, False, False, True])
+    mismatched = (torch.tensor([-4.0, -5.0, -6.0, -2.0]), torch.tensor([-5.0, -5.0, -6.5, -2.0]))
+    rows = kto_loss(policy, reference, desirable, *mismatched, balance="rows").loss
+    pairs = kto_loss(policy, reference, desirable, *mismatched, balance="pairs").loss
+    assert pairs.item() == pytest.approx(rows.item(), rel=1e-6)

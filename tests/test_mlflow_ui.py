@@ -52,7 +52,7 @@ def test_sweep_trials_and_mae_in_the_mlflow_ui(ray_cluster, tiny_model_path, mlf
     cfg = SweepConfig(
         name="ui-sweep",
         num_samples=2,
-        finetune=FinetuneConfig(model=tiny_model_path, num_workers=1, cpus_per_worker=0.5, epochs=1, sft_epochs=1, max_contexts=2),
+        finetune=FinetuneConfig(model=tiny_model_path, num_workers=1, cpus_per_worker=0.5, epochs=1, sft_epochs=1, max_contexts=2, binding_check="report"),
         output=str(tmp_path / "best.yaml"),
     )
     result = run_sweep(load_dataset("gender-us-real"), cfg)

@@ -69,7 +69,7 @@ def test_sweep_of_two_trials(cluster):
         "name": "two-node-sweep",
         "num_samples": 2,
         "finetune": {"model": str(cluster.shared / "models" / "tiny"), "num_workers": 1, "cpus_per_worker": 1,
-                     "epochs": 1, "sft_epochs": 1, "max_contexts": 2},
+                     "epochs": 1, "sft_epochs": 1, "max_contexts": 2, "binding_check": "report"},
     })
     status, logs = cluster.run_job(["jobs/sweep.py", "--dataset", "gender-us-real", "--config", config], timeout=600)
     _succeeded(status, logs, cluster)
@@ -86,7 +86,7 @@ def test_quickstart_on_the_embedded_model(cluster):
     the after-estimate's engine (vLLM, merged on the worker node) reads it from there."""
     config = _config(cluster, "quickstart", {
         "dataset": "gender-us-real",
-        "finetune": {"num_workers": 2, "epochs": 1, "sft_epochs": 1, "max_contexts": 2},
+        "finetune": {"num_workers": 2, "epochs": 1, "sft_epochs": 1, "max_contexts": 2, "binding_check": "report"},
         "estimate": {"samples_per_context": 8, "max_contexts": 2, "max_new_tokens": 6},
     })
     status, logs = cluster.run_job(["jobs/quickstart.py", "--config", config])
@@ -114,9 +114,10 @@ def test_finetune_then_estimate_a_head_local_adapter(cluster):
     publishes it to storage, and the worker's engine reads it back from there."""
     tiny = str(cluster.shared / "models" / "tiny")
     output = cluster.head / "home" / "adapters" / "steered"
+    config = _config(cluster, "plumbing", {"finetune": {"binding_check": "report"}})  # a random tiny model binds nothing
     status, logs = cluster.run_job(
         ["jobs/finetune.py", "--dataset", "gender-us-real", "--model", tiny, "--output", str(output),
-         "--num-workers", "2", "--epochs", "2", "--max-contexts", "3"]
+         "--num-workers", "2", "--epochs", "2", "--max-contexts", "3", "--config", config]
     )
     _succeeded(status, logs, cluster)
     assert (output / "adapter_model.safetensors").is_file()
@@ -142,7 +143,7 @@ def test_finetune_survives_losing_its_worker_node(cluster):
     and the fine-tune resumes from the checkpoint in shared storage, every epoch done once."""
     config = _config(cluster, "node-loss", {
         "finetune": {"model": str(cluster.shared / "models" / "tiny"), "num_workers": 2, "epochs": 3, "sft_epochs": 1,
-                     "prompts_per_batch": 2, "max_failures": 2},
+                     "prompts_per_batch": 2, "max_failures": 2, "binding_check": "report"},
     })
     output = cluster.storage / "adapters" / "survivor"
     job = cluster.submit(["jobs/finetune.py", "--dataset", "gender-uk-even", "--config", config, "--output", str(output)])

@@ -131,6 +131,11 @@ class DistributionSpec(_Strict):
     def num_classes(self) -> int:
         return len(self.categories)
 
+    def match_terms(self) -> dict[str, list[str]]:
+        """What counts as each category in an answer: its canonical answer text and its aliases
+        (an answer such as "On foot" for category `on-foot` is that category)."""
+        return {c: [self.answers[c], *self.aliases.get(c, [])] for c in self.categories}
+
     def target_of(self, context: str) -> list[float]:
         return self.targets[self.contexts.index(context)]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from distalign_ray import storage
@@ -10,8 +11,10 @@ from distalign_ray.adapters import read_adapter_meta
 from distalign_ray.config import FinetuneConfig
 from distalign_ray.data.specs import DistributionSpec
 from distalign_ray.data.steering import prepare_steering_vocab
-from distalign_ray.errors import DistalignError
+from distalign_ray.errors import CheckFailed, DistalignError
+from distalign_ray.evaluation.binding import BindingReport, failure_message, summary_line
 from distalign_ray.models import load_tokenizer, resolve_model
+from distalign_ray.training.budget import plan_budget
 from distalign_ray.training.launcher import build_trainer, train_storage
 from distalign_ray.training.loop import ADAPTER_DIR
 from distalign_ray.training.stages import uses_steering
@@ -67,4 +70,45 @@ def run_finetune(spec: DistributionSpec, cfg: FinetuneConfig, output: str | Path
         raise RuntimeError("training finished without a checkpoint")
     with result.checkpoint.as_directory() as folder:  # downloaded from storage when it is remote
         storage.write_folder(Path(folder) / ADAPTER_DIR, output)
-    return {"metrics": dict(result.metrics or {}), "seconds": time.time() - started, "adapter": output}
+    metrics = dict(result.metrics or {})
+    binding = metrics.pop("binding", None)
+    return {
+        "metrics": metrics,
+        "seconds": time.time() - started,
+        "adapter": output,
+        "budget": plan_budget(cfg, spec),
+        "binding": BindingReport(**binding) if binding else None,
+    }
+
+
+def log_finetune_result(result: dict, cfg: FinetuneConfig) -> None:
+    """Into the active MLflow run: final metrics, the budget, the binding report and the adapter."""
+    import mlflow
+
+    from distalign_ray.adapters import adapter_on_this_node
+    from distalign_ray.tracking.mlflow_store import log_params
+
+    mlflow.log_metrics({k: v for k, v in result["metrics"].items() if isinstance(v, float)} | {"seconds": result["seconds"]})
+    log_params(result["budget"].params(), prefix="budget.")
+    if result["binding"] is not None:
+        mlflow.log_dict(asdict(result["binding"]), "binding.json")
+        passed = result["binding"].passed(cfg.binding_threshold, cfg.binding_answer_threshold)
+        mlflow.set_tag("binding_check", "passed" if passed else "failed")
+    mlflow.log_artifacts(adapter_on_this_node(result["adapter"]), artifact_path="adapter")
+
+
+def describe_result(result: dict, cfg: FinetuneConfig) -> list[str]:
+    """The lines a command prints after training."""
+    budget = result["budget"]
+    lines = [f"trained {budget.sft_steps} SFT + {budget.steps} steps ({budget.prompts} prompts, {budget.prompts_per_batch} per batch) "
+             f"in {result['seconds']:.0f}s; steering readout MAE {result['metrics'].get('val_mae', float('nan')):.3f}"]
+    if result["binding"] is not None:
+        lines.append(summary_line(result["binding"]))
+    return lines
+
+
+def check_binding(result: dict, cfg: FinetuneConfig) -> None:
+    """Raise `CheckFailed` (one line naming what to change) when a steering id is not bound to its answer."""
+    report, thresholds = result["binding"], (cfg.binding_threshold, cfg.binding_answer_threshold)
+    if report is not None and cfg.binding_check == "fail" and not report.passed(*thresholds):
+        raise CheckFailed(f"adapter {result['adapter']}: " + failure_message(report, *thresholds))

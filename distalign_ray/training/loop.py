@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import tempfile
+from dataclasses import asdict
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -23,9 +24,11 @@ from distalign_ray.adapters import adapter_on_this_node, write_adapter_meta
 from distalign_ray.config import FinetuneConfig
 from distalign_ray.data.specs import DistributionSpec
 from distalign_ray.data.steering import answer_ids, prepare_steering_vocab
+from distalign_ray.evaluation.binding import BindingReport, binding_check
 from distalign_ray.models import load_model, load_tokenizer, model_on_this_node
 from distalign_ray.tracking.mlflow_store import StepLogger
 from distalign_ray.scoring import CompletionScorer
+from distalign_ray.training.budget import plan_budget
 from distalign_ray.training.stages import build_stages, readout_probs, uses_steering, validation_set
 
 STATE_FILE = "training_state.pt"
@@ -109,8 +112,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     scorer = CompletionScorer(model, pad_id).to(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    budget = plan_budget(cfg, spec)
     with autocast:
-        stages = build_stages(cfg, spec, tokenizer, vocab, scorer, z0_reduce=_all_reduce_mean)
+        stages = build_stages(cfg, spec, tokenizer, vocab, scorer, budget, z0_reduce=_all_reduce_mean)
     if world > 1:
         scorer = ray.train.torch.prepare_model(scorer, move_to_device=device, parallel_strategy="ddp")
     validation = validation_set(spec, tokenizer, cfg.validation_templates or cfg.templates)
@@ -123,7 +127,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     def optimizer_for(name: str):
         if name not in optimizers:
             stage = by_name[name]
-            total = math.ceil(len(stage.groups) / cfg.prompts_per_batch) * stage.epochs
+            total = math.ceil(len(stage.groups) / budget.prompts_per_batch) * stage.epochs
             opt = torch.optim.AdamW(trainable, lr=stage.lr, weight_decay=cfg.weight_decay)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, cfg.warmup_ratio, cfg.min_lr_ratio))
             optimizers[name] = (opt, sched)
@@ -154,7 +158,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         stage = by_name[name]
         opt, sched = optimizer_for(name)
         epoch_losses = []
-        for batch in batches(stage.groups, cfg.prompts_per_batch, cfg.seed * 1000 + plan_index, rank, world):
+        for batch in batches(stage.groups, budget.prompts_per_batch, cfg.seed * 1000 + plan_index, rank, world):
             with autocast:
                 parts = stage.step(scorer, batch)
             opt.zero_grad(set_to_none=True)
@@ -171,6 +175,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with autocast:
             metrics = _epoch_metrics(model, validation, steering_ids, answers, pad_id, epoch_losses, rank, world)
         metrics.update(stage=name, epoch=epoch, plan_index=plan_index, global_step=global_step, device=str(device))
+        if plan_index == len(plan) - 1 and steering_ids is not None:
+            with autocast:
+                binding = _binding_metrics(model, tokenizer, spec, steering_ids, [p for p, _ in validation], rank, world)
+            metrics.update(binding.metrics(), binding=asdict(binding))
         logger.log({k: v for k, v in metrics.items() if isinstance(v, float)}, global_step)
         logger.flush()
         _report_with_checkpoint(model, tokenizer, vocab, spec, cfg, optimizers, metrics, rank, loop_config)
@@ -196,6 +204,20 @@ def _epoch_metrics(model, validation, steering_ids, answers, pad_id, losses, ran
         "train_loss": float(loss[0] / loss[1].clamp_min(1)),
         "val_mae": float(abs_err[0] / abs_err[1].clamp_min(1)),
     }
+
+
+def _binding_metrics(model, tokenizer, spec, steering_ids, prompts, rank, world):
+    """The binding check on every training prompt (each worker its share), summed over workers."""
+    report = binding_check(model, tokenizer, spec, steering_ids, prompts[rank::world])
+    if not _distributed():
+        return report
+    device = next(model.parameters()).device
+    sums = torch.tensor([*report.correct, *report.exact, *report.answer_prob, report.prompts], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(sums)
+    k = len(report.categories)
+    sums = sums.tolist()
+    counts = [round(x) for x in sums]
+    return BindingReport(report.categories, counts[:k], counts[k : 2 * k], counts[-1], sums[2 * k : 3 * k], report.examples)
 
 
 def adapter_meta(vocab, spec: DistributionSpec, cfg: FinetuneConfig, model_ref_name: str) -> dict:

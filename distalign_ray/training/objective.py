@@ -95,6 +95,7 @@ def hybrid_step_loss(
             desirable_weight=cfg.desirable_weight,
             undesirable_weight=cfg.undesirable_weight,
             z0_reduce=z0_reduce,
+            balance=cfg.kto_balance,
         )
         kto = result.loss
         out.update(kto=kto.detach(), kto_z0=result.z0.detach())

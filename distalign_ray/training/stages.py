@@ -20,6 +20,7 @@ from distalign_ray.data.specs import DistributionSpec
 from distalign_ray.data.steering import build_steering_examples
 from distalign_ray.losses.hybrid import LOSS_MODES
 from distalign_ray.scoring import score_completions
+from distalign_ray.training.budget import TrainingBudget
 from distalign_ray.training.objective import dpo_step_loss, hybrid_step_loss, sft_step_loss
 
 BASELINE_MODES = ("ift", "dpo")
@@ -63,25 +64,25 @@ def _fill_reference_logps(scorer, pairs) -> None:
             pair.reference_chosen, pair.reference_rejected = sums[i], sums[len(chunk) + i]
 
 
-def build_stages(cfg: FinetuneConfig, spec: DistributionSpec, tokenizer, vocab, scorer, z0_reduce=None) -> list[Stage]:
+def build_stages(cfg: FinetuneConfig, spec: DistributionSpec, tokenizer, vocab, scorer, budget: TrainingBudget, z0_reduce=None) -> list[Stage]:
     if uses_steering(cfg):
         examples = build_steering_examples(spec, tokenizer, vocab, cfg.templates)
         ids, group_size = vocab.token_ids, vocab.num_classes**2
         return [
-            Stage("sft", cfg.sft_epochs, cfg.sft_lr, group_by_prompt([e for e in examples if e.desirable]),
+            Stage("sft", budget.sft_epochs, cfg.sft_lr, group_by_prompt([e for e in examples if e.desirable]),
                   lambda s, batch: sft_step_loss(s, batch, ids, cfg)),
-            Stage("align", cfg.epochs, cfg.lr, group_by_prompt(examples),
+            Stage("align", budget.epochs, cfg.lr, group_by_prompt(examples),
                   lambda s, batch: hybrid_step_loss(s, batch, ids, cfg, group_size, z0_reduce=z0_reduce)),
         ]
     if cfg.loss_mode == "ift":
         examples = build_ift_examples(spec, tokenizer, cfg.answers_per_prompt, cfg.templates)
-        return [Stage("ift", cfg.epochs, cfg.lr, group_by_prompt(examples), lambda s, batch: sft_step_loss(s, batch, None, cfg))]
+        return [Stage("ift", budget.epochs, cfg.lr, group_by_prompt(examples), lambda s, batch: sft_step_loss(s, batch, None, cfg))]
     if cfg.loss_mode == "dpo":
         pairs = build_dpo_pairs(spec, tokenizer, cfg.answers_per_prompt, cfg.templates)
         scorer.eval()
         _fill_reference_logps(scorer, pairs)
         scorer.train()
-        return [Stage("dpo", cfg.epochs, cfg.lr, group_by_prompt(pairs), lambda s, batch: dpo_step_loss(s, batch, cfg))]
+        return [Stage("dpo", budget.epochs, cfg.lr, group_by_prompt(pairs), lambda s, batch: dpo_step_loss(s, batch, cfg))]
     raise ValueError(f"unknown loss_mode {cfg.loss_mode!r}; choose from {TRAINING_MODES}")
 
 
