@@ -240,7 +240,7 @@ def cmd_finetune(args) -> int:
         log_params(cfg.model_dump())
         result = run_finetune(spec, cfg, args.output, mlflow_run_id=run.info.run_id)
         log_finetune_result(result, cfg)
-        print("\n".join(describe_result(result, cfg)))
+        print("\n".join(describe_result(result)))
         print(f"adapter written to {result['adapter']}; MLflow run {run.info.run_id}")
         check_binding(result, cfg)  # a failed check ends the MLflow run as FAILED
     return 0

@@ -55,7 +55,7 @@ def run_quickstart(cfg: QuickstartConfig, console=None) -> dict:
             log_params(cfg.finetune.model_dump())
             trained = run_finetune(spec, cfg.finetune, output, mlflow_run_id=ft_run.info.run_id)
             log_finetune_result(trained, cfg.finetune)
-            for line in describe_result(trained, cfg.finetune):
+            for line in describe_result(trained):
                 console.print(line)
             check_binding(trained, cfg.finetune)  # never estimate a broken adapter as if it worked
         timings["finetune_s"] = time.time() - t

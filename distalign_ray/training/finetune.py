@@ -97,7 +97,7 @@ def log_finetune_result(result: dict, cfg: FinetuneConfig) -> None:
     mlflow.log_artifacts(adapter_on_this_node(result["adapter"]), artifact_path="adapter")
 
 
-def describe_result(result: dict, cfg: FinetuneConfig) -> list[str]:
+def describe_result(result: dict) -> list[str]:
     """The lines a command prints after training."""
     budget = result["budget"]
     lines = [f"trained {budget.sft_steps} SFT + {budget.steps} steps ({budget.prompts} prompts, {budget.prompts_per_batch} per batch) "
