@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test test-matrix install install-test system-libs browser clean
+.PHONY: demo test test-fast lint test-matrix install install-test system-libs browser clean
 
 # `apt-get install` of Debian packages, as root only (refreshes the package index once if needed).
 APT_INSTALL = { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
@@ -47,6 +47,15 @@ browser:
 
 test: install-test system-libs browser
 	OMP_NUM_THREADS=1 DISTALIGN_REQUIRE_VLLM=1 $(VENV)/bin/pytest -q
+
+# Lint and format check (CI runs it first).
+lint: install-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# The tests without a Ray Train/Tune run, vLLM, a browser or a simulated cluster (minutes, not an hour).
+test-fast: install-test
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -m "not slow and not cluster and not vllm and not browser"
 
 # Issue 11's matrix of unseen specs on the embedded model (docs/specs.md): about 8 min per spec on 2 cores.
 test-matrix: install-test system-libs

@@ -50,7 +50,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--loop-samples", type=int, default=20, help="samples per prompt for the slow way (a)")
-    parser.add_argument("--pipeline-prompts", type=int, default=25, help="(d): the quickstart's workload, so start-up is amortised as in a real run")
+    parser.add_argument(
+        "--pipeline-prompts", type=int, default=25, help="(d): the quickstart's workload, so start-up is amortised as in a real run"
+    )
     parser.add_argument("--tolerance", type=float, default=0.01, help="equal accuracy: sampled share error for (e)")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -93,8 +95,14 @@ def main() -> None:
         with torch.no_grad():
             for prompt in prompts:
                 for _ in range(args.loop_samples):
-                    model.generate(torch.tensor([prompt]), do_sample=True, temperature=1.0, top_k=0,
-                                   max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+                    model.generate(
+                        torch.tensor([prompt]),
+                        do_sample=True,
+                        temperature=1.0,
+                        top_k=0,
+                        max_new_tokens=args.max_new_tokens,
+                        pad_token_id=tokenizer.pad_token_id,
+                    )
         return len(prompts) * args.loop_samples / (time.time() - start)
 
     matched: list[float] = []
@@ -126,15 +134,19 @@ def main() -> None:
     for name, rate in rates:
         print(f"{name:96s} {rate:10.2f} {rate / loop_rate:7.1f}x")
     need = samples_for_noise(float(np.mean(matched)), args.tolerance)
-    print(f"\n(e) readout estimator vs sampling; matched-answer rate {np.mean(matched):.2f}; equal accuracy = sampled "
-          f"share error {args.tolerance} -> {need} samples per prompt (the readout has no sampling error)")
+    print(
+        f"\n(e) readout estimator vs sampling; matched-answer rate {np.mean(matched):.2f}; equal accuracy = sampled "
+        f"share error {args.tolerance} -> {need} samples per prompt (the readout has no sampling error)"
+    )
     print(f"{'engine':50s} {'readout ms':>11s} {'100 samples s':>14s} {'ratio':>7s} {f'{need} samples s':>16s} {'ratio':>8s}")
     samplers = [("(a) loop", 1 / loop_rate)] + [(name[:3], 1 / rate) for name, rate in rates if name[:3] in ("(b)", "(c)")]
     for name in readout_ms:
         for sampler, per_sample in samplers:
             cost_100, cost_eq = 100 * per_sample, need * per_sample
-            print(f"{name[:44] + ' vs ' + sampler:50s} {readout_ms[name]:11.0f} {cost_100:14.1f} "
-                  f"{cost_100 * 1000 / readout_ms[name]:6.0f}x {cost_eq:16.1f} {cost_eq * 1000 / readout_ms[name]:7.0f}x")
+            print(
+                f"{name[:44] + ' vs ' + sampler:50s} {readout_ms[name]:11.0f} {cost_100:14.1f} "
+                f"{cost_100 * 1000 / readout_ms[name]:6.0f}x {cost_eq:16.1f} {cost_eq * 1000 / readout_ms[name]:7.0f}x"
+            )
 
 
 if __name__ == "__main__":

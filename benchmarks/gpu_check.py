@@ -68,20 +68,30 @@ def main() -> int:
 
     def finetune() -> dict:
         cfg = FinetuneConfig(use_gpu=True, num_workers=gpus, epochs=args.epochs, sft_epochs=1, max_contexts=args.max_contexts)
-        with start_run("gpu-check-finetune") as run:
+        with start_run("gpu-check-finetune", "GPU check: a short fine-tune on the device") as run:
             result = run_finetune(spec, cfg, adapter, mlflow_run_id=run.info.run_id)
         metrics = result["metrics"]
         return {"device": metrics.get("device"), "val_mae": round(metrics["val_mae"], 4), "steps": metrics["global_step"]}
 
     def estimate(adapter_path: str | None, backend: str) -> dict:
-        cfg = EstimateConfig(engine="vllm", gpus_per_actor=1, num_actors=gpus, vllm_backend=backend,
-                             samples_per_context=args.samples, max_contexts=args.max_contexts, adapter=adapter_path)
+        cfg = EstimateConfig(
+            engine="vllm",
+            gpus_per_actor=1,
+            num_actors=gpus,
+            vllm_backend=backend,
+            samples_per_context=args.samples,
+            max_contexts=args.max_contexts,
+            adapter=adapter_path,
+        )
         result = run_estimate(spec, cfg)
         report = result.report
-        return {"mae": round(report.mae, 4), "ci": [round(report.mae_ci_low, 4), round(report.mae_ci_high, 4)],
-                "unmatched": round(report.unmatched_rate, 4),
-                "readout_mae": round(result.readout.mae, 4) if result.readout else None,
-                "samples_per_s": round(report.samples_per_context.sum() / result.seconds, 1)}
+        return {
+            "mae": round(report.mae, 4),
+            "ci": [round(report.mae_ci_low, 4), round(report.mae_ci_high, 4)],
+            "unmatched": round(report.unmatched_rate, 4),
+            "readout_mae": round(result.readout.mae, 4) if result.readout else None,
+            "samples_per_s": round(report.samples_per_context.sum() / result.seconds, 1),
+        }
 
     step("estimate_base_vllm_actor", lambda: estimate(None, "actor"))
     step("finetune_use_gpu", finetune)

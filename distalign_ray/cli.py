@@ -5,55 +5,53 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
-import yaml
-
+from distalign_ray.cli_config import COMMANDS as CONFIG_COMMANDS
+from distalign_ray.config import TRAINING_MODES
+from distalign_ray.console import captured_output, error_stream, terminal
 from distalign_ray.errors import CheckFailed, DistalignError
-from distalign_ray.storage import use_storage
+from distalign_ray.paths import home_dir
+from distalign_ray.storage import STORAGE_ENV, use_storage
+
+SHORTCUT = "set:"  # flags whose dest is SHORTCUT + comma-separated field paths are `--set` shortcuts
 
 
-def _load_config(args, section: str) -> dict:
-    """The command's section of `--config` (none: {}). Shared storage is settled here: `--storage`,
-    else a top-level `storage:` of the config file, else DISTALIGN_STORAGE."""
-    values, storage = _read_config_file(args.config, section)
-    if args.storage or storage:
-        use_storage(args.storage or storage)
-    return values
+def _shortcut(parser: argparse.ArgumentParser, flag: str, *paths: str, **kwargs) -> None:
+    parser.add_argument(flag, dest=SHORTCUT + ",".join(paths), **kwargs)
 
 
-def _read_config_file(path: str | None, section: str) -> tuple[dict, str | None]:
-    if not path:
-        return {}, None
-    file = Path(path)
-    if not file.is_file():
-        raise DistalignError(f"config file not found: {path}")
-    try:
-        document = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise DistalignError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(document, dict):
-        raise DistalignError(f"config {path}: expected a mapping")
-    document = dict(document)
-    storage = document.pop("storage", None)
-    if storage is not None and (not isinstance(storage, str) or not storage):
-        raise DistalignError(f"config {path}: storage must be a folder or a URI")
-    return document.get(section, document if section in ("quickstart", "compare", "sweep") else {}), storage
+def _config_args(parser: argparse.ArgumentParser, command: str) -> None:
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the output of Ray, vLLM and torch live (default: in a log file per run, also an MLflow artifact)",
+    )
+    parser.add_argument("--config", help=f"YAML config file (`distalign config show {command}` prints one with every field)")
+    parser.add_argument(
+        "--set",
+        dest="assignments",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        help=f"set one config field, e.g. --set {'finetune.kl_weight=2' if command != 'estimate' else 'estimate.top_p=0.9'} "
+        "(repeatable; applied after --config and the flags)",
+    )
 
 
-def _validated(model_cls, values: dict, origin: str):
-    from pydantic import ValidationError
+def _load_config(args, command: str):
+    """The command's validated config. Shared storage is settled here: `--storage`, else `storage:` of the
+    config (file or --set), else DISTALIGN_STORAGE."""
+    from distalign_ray.cli_config import command_config
 
-    try:
-        return model_cls.model_validate(values)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise DistalignError(f"invalid {origin}: {where}: {first['msg']}") from None
-
-
-def _overrides(args, names: list[str]) -> dict:
-    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    flags = {}
+    for dest, value in vars(args).items():
+        if dest.startswith(SHORTCUT) and value is not None:
+            flags.update(dict.fromkeys(dest[len(SHORTCUT) :].split(","), value))
+    cfg, storage = command_config(command, args.config, flags, args.assignments)
+    location = args.storage or storage or os.environ.get(STORAGE_ENV)
+    if location:
+        use_storage(location)  # checked here, before any work: one line instead of a failure on a worker
+    return cfg
 
 
 def _spec_args(parser: argparse.ArgumentParser) -> None:
@@ -73,30 +71,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     est = sub.add_parser("estimate", help="estimate a model's output distribution per context")
     _spec_args(est)
-    est.add_argument("--model", help="alias (smollm2-135m), local HF folder, or hub id")
-    est.add_argument("--adapter", help="a fine-tuned adapter folder (from `distalign finetune`)")
-    est.add_argument("--samples", dest="samples_per_context", type=int, help="samples per context")
-    est.add_argument("--estimator", choices=["sample", "readout"], help="sample (default) or readout")
-    est.add_argument("--task", choices=["attribute", "story"])
-    est.add_argument("--max-contexts", dest="max_contexts", type=int, help="only the first N contexts")
-    est.add_argument("--prompt-engineering", dest="prompt_engineering", action="store_true", default=None,
-                     help="state the target distribution in the prompt")
-    est.add_argument("--engine", choices=["auto", "vllm", "hf"], help="generation engine (auto: vLLM when installed)")
-    est.add_argument("--seed", type=int)
-    est.add_argument("--config", help="YAML with an `estimate:` section (EstimateConfig fields)")
+    _shortcut(est, "--model", "estimate.model", help="alias (smollm2-135m), local HF folder, or hub id")
+    _shortcut(est, "--adapter", "estimate.adapter", help="a fine-tuned adapter folder (from `distalign finetune`)")
+    _shortcut(est, "--samples", "estimate.samples_per_context", type=int, help="samples per context")
+    _shortcut(est, "--estimator", "estimate.estimator", choices=["sample", "readout"], help="sample (default) or readout")
+    _shortcut(est, "--task", "estimate.task", choices=["attribute", "story"])
+    _shortcut(est, "--max-contexts", "estimate.max_contexts", type=int, help="only the first N contexts")
+    _shortcut(
+        est,
+        "--prompt-engineering",
+        "estimate.prompt_engineering",
+        action="store_true",
+        default=None,
+        help="state the target distribution in the prompt",
+    )
+    _shortcut(est, "--engine", "estimate.engine", choices=["auto", "vllm", "hf"], help="generation engine (auto: vLLM when installed)")
+    _shortcut(est, "--seed", "estimate.seed", type=int)
+    _config_args(est, "estimate")
 
     ft = sub.add_parser("finetune", help="fine-tune a LoRA adapter with the hybrid (KL + KTO) loss on Ray Train")
     _spec_args(ft)
-    ft.add_argument("--model", help="alias (smollm2-135m), local HF folder, or hub id")
     ft.add_argument("--output", required=True, help="adapter folder to create (must not exist or be empty)")
-    ft.add_argument("--loss-mode", dest="loss_mode", choices=["hybrid", "kl_only", "kto_only", "ift", "dpo"],
-                    help="steering methods (hybrid, kl_only, kto_only) or baselines (ift, dpo)")
-    ft.add_argument("--init-adapter", dest="init_adapter", help="start from a saved adapter (e.g. DPO from IFT)")
-    ft.add_argument("--epochs", type=int, help="stage-2 epochs")
-    ft.add_argument("--num-workers", dest="num_workers", type=int, help="Ray Train workers (0 = local mode)")
-    ft.add_argument("--max-contexts", dest="max_contexts", type=int)
-    ft.add_argument("--seed", type=int)
-    ft.add_argument("--config", help="YAML with a `finetune:` section (FinetuneConfig fields)")
+    _shortcut(ft, "--model", "finetune.model", help="alias (smollm2-135m), local HF folder, or hub id")
+    _shortcut(
+        ft,
+        "--loss-mode",
+        "finetune.loss_mode",
+        choices=list(TRAINING_MODES),
+        help="steering methods (hybrid, kl_only, kto_only) or baselines (ift, dpo)",
+    )
+    _shortcut(ft, "--init-adapter", "finetune.init_adapter", help="start from a saved adapter (e.g. DPO from IFT)")
+    _shortcut(ft, "--epochs", "finetune.epochs", type=int, help="stage-2 epochs")
+    _shortcut(ft, "--num-workers", "finetune.num_workers", type=int, help="Ray Train workers (0 = local mode)")
+    _shortcut(ft, "--max-contexts", "finetune.max_contexts", type=int)
+    _shortcut(ft, "--seed", "finetune.seed", type=int)
+    _config_args(ft, "finetune")
 
     ds = sub.add_parser("datasets", help="list or show the built-in datasets")
     ds_sub = ds.add_subparsers(dest="datasets_command")
@@ -105,33 +114,39 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("name")
 
     qs = sub.add_parser("quickstart", help="before/after demo on the embedded model (<= 15 min on 2 cores)")
-    qs.add_argument("--samples", dest="samples_per_context", type=int, help="samples per context per estimate")
-    qs.add_argument("--epochs", type=int, help="stage-2 epochs")
-    qs.add_argument("--num-workers", dest="num_workers", type=int)
-    qs.add_argument("--max-contexts", dest="max_contexts", type=int)
-    qs.add_argument("--model", help="model to start from (default: the embedded smollm2-135m)")
-    qs.add_argument("--output", help="adapter folder to create")
-    qs.add_argument("--config", help="YAML with quickstart fields (dataset, finetune:, estimate:)")
+    _shortcut(qs, "--samples", "estimate.samples_per_context", type=int, help="samples per context per estimate")
+    _shortcut(qs, "--epochs", "finetune.epochs", type=int, help="stage-2 epochs")
+    _shortcut(qs, "--num-workers", "finetune.num_workers", type=int)
+    _shortcut(qs, "--max-contexts", "finetune.max_contexts", "estimate.max_contexts", type=int)
+    _shortcut(qs, "--model", "finetune.model", help="model to start from (default: the embedded smollm2-135m)")
+    _shortcut(qs, "--output", "output", help="adapter folder to create")
+    _config_args(qs, "quickstart")
+
     sw = sub.add_parser("sweep", help="Ray Tune search of kl_weight, kto_weight, lr, beta (ASHA; Optuna optional)")
     _spec_args(sw)
-    sw.add_argument("--name", help="sweep name (MLflow tag `sweep`, output folder)")
-    sw.add_argument("--num-samples", dest="num_samples", type=int, help="number of trials")
-    sw.add_argument("--search", choices=["random", "optuna"])
-    sw.add_argument("--scheduler", choices=["asha", "fifo"])
-    sw.add_argument("--output", help="where to write the best config (a `finetune:` YAML)")
-    sw.add_argument("--config", help="YAML with SweepConfig fields (ranges, templates, finetune:)")
+    _shortcut(sw, "--name", "name", help="sweep name (MLflow tag `sweep`, output folder)")
+    _shortcut(sw, "--num-samples", "num_samples", type=int, help="number of trials")
+    _shortcut(sw, "--search", "search", choices=["random", "optuna"])
+    _shortcut(sw, "--scheduler", "scheduler", choices=["asha", "fifo"])
+    _shortcut(sw, "--output", "output", help="where to write the best config (a `finetune:` YAML)")
+    _config_args(sw, "sweep")
 
     cmp = sub.add_parser("compare", help="methods x datasets x tasks into one MLflow parent run (resumable)")
-    cmp.add_argument("--name", help="comparison name; rerunning the same name resumes and skips finished cells")
-    cmp.add_argument("--datasets", nargs="+", help="dataset names (default: gender-uk-real gender-us-real)")
-    cmp.add_argument("--methods", nargs="+", help="zero-shot prompt-engineering ift dpo hybrid kl_only kto_only (default: all)")
-    cmp.add_argument("--tasks", nargs="+", choices=["attribute", "story"], help="default: attribute")
-    cmp.add_argument("--samples", dest="samples_per_context", type=int, help="samples per context (budget)")
-    cmp.add_argument("--epochs", type=int, help="training epochs of every method (budget)")
-    cmp.add_argument("--max-contexts", dest="max_contexts", type=int, help="first N contexts only (budget)")
-    cmp.add_argument("--estimator", choices=["sample", "readout"], help="readout: attribute task only")
+    _shortcut(cmp, "--name", "name", help="comparison name; rerunning the same name resumes and skips finished cells")
+    _shortcut(cmp, "--datasets", "datasets", nargs="+", help="dataset names (default: gender-uk-real gender-us-real)")
+    _shortcut(cmp, "--methods", "methods", nargs="+", help="zero-shot prompt-engineering ift dpo hybrid kl_only kto_only (default: all)")
+    _shortcut(cmp, "--tasks", "tasks", nargs="+", choices=["attribute", "story"], help="default: attribute")
+    _shortcut(cmp, "--samples", "estimate.samples_per_context", type=int, help="samples per context (budget)")
+    _shortcut(cmp, "--epochs", "finetune.epochs", type=int, help="stage-2 (or baseline) epochs of every method (budget)")
+    _shortcut(cmp, "--max-contexts", "finetune.max_contexts", "estimate.max_contexts", type=int, help="first N contexts only (budget)")
+    _shortcut(cmp, "--estimator", "estimate.estimator", choices=["sample", "readout"], help="readout: attribute task only")
     cmp.add_argument("--report", help="also write a Markdown results report to this file (e.g. docs/results.md)")
-    cmp.add_argument("--config", help="YAML with CompareConfig fields (name, datasets, methods, tasks, finetune:, estimate:)")
+    _config_args(cmp, "compare")
+
+    cf = sub.add_parser("config", help="show a command's config fields (defaults and descriptions)")
+    cf_sub = cf.add_subparsers(dest="config_command", required=True)
+    cf_show = cf_sub.add_parser("show", help="print a command's config file with every field at its default, described")
+    cf_show.add_argument("config_of", choices=list(CONFIG_COMMANDS), metavar="COMMAND", help=" | ".join(CONFIG_COMMANDS))
     ui = sub.add_parser("ui", help="serve the project's MLflow store in the MLflow UI (127.0.0.1)")
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     ui.add_argument("--port", type=int, default=5000)
@@ -139,35 +154,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_ui(args) -> int:
-    from distalign_ray.tracking.mlflow_store import ui_command
+    from distalign_ray.tracking.mlflow_store import check_tracking, ensure_experiment, experiment_url, ui_command
 
     argv, env = ui_command(args.host, args.port)
-    print(f"MLflow UI: http://{args.host}:{args.port}  (store {argv[argv.index('--backend-store-uri') + 1]})", flush=True)
+    check_tracking()
+    url = experiment_url(ensure_experiment(), f"http://{args.host}:{args.port}")
+    print(f"MLflow UI: {url}  (store {argv[argv.index('--backend-store-uri') + 1]})", flush=True)
     os.execvpe(argv[0], argv, env)
 
 
 def cmd_compare(args) -> int:
-    from distalign_ray.compare import CompareConfig, run_compare
+    from distalign_ray.compare import run_compare
 
-    values = _load_config(args, "compare")
-    values.update(_overrides(args, ["name", "datasets", "methods", "tasks"]))
-    cfg = _validated(CompareConfig, values, "compare config")
-    finetune = cfg.finetune.model_dump() | _overrides(args, ["max_contexts"])
-    if args.epochs is not None:
-        finetune.update(epochs=args.epochs, sft_epochs=min(cfg.finetune.sft_epochs, args.epochs))
-    estimate = cfg.estimate.model_dump() | _overrides(args, ["samples_per_context", "max_contexts", "estimator"])
-    cfg = _validated(CompareConfig, cfg.model_dump() | {"finetune": finetune, "estimate": estimate}, "compare config")
-    run_compare(cfg, report=args.report)
+    run_compare(_load_config(args, "compare"), report=args.report)
     return 0
 
 
 def cmd_sweep(args) -> int:
     from distalign_ray.data.specs import load_spec
-    from distalign_ray.tuning.sweep import SweepConfig, run_sweep
+    from distalign_ray.tuning.sweep import run_sweep
 
-    values = _load_config(args, "sweep")
-    values.update(_overrides(args, ["name", "num_samples", "search", "scheduler", "output"]))
-    cfg = _validated(SweepConfig, values, "sweep config")
+    cfg = _load_config(args, "sweep")
     spec = load_spec(args.dataset, args.spec)
     if cfg.search == "optuna":
         try:
@@ -175,7 +182,7 @@ def cmd_sweep(args) -> int:
         except ImportError:
             raise DistalignError("--search optuna needs the optuna package (pip install -e '.[tune]')") from None
     result = run_sweep(spec, cfg)
-    print(f"best val_mae {result['best_val_mae']:.4f} over {result['trials']} trials; best config: {result['best_config']}")
+    terminal().print(f"best val_mae {result['best_val_mae']:.4f} over {result['trials']} trials; best config: {result['best_config']}")
     return 0
 
 
@@ -203,58 +210,61 @@ def cmd_datasets(args) -> int:
     return 0
 
 
+def cmd_config(args) -> int:
+    from distalign_ray.cli_config import show_config
+
+    print(show_config(args.config_of))
+    return 0
+
+
 def cmd_estimate(args) -> int:
-    from distalign_ray.config import EstimateConfig
     from distalign_ray.data.specs import load_spec
     from distalign_ray.estimate import plan_estimate, run_estimate
     from distalign_ray.tracking.mlflow_store import check_tracking
 
-    values = _load_config(args, "estimate")
-    values.update(_overrides(args, ["model", "adapter", "samples_per_context", "estimator", "task", "max_contexts", "prompt_engineering", "seed"]))
-    cfg = _validated(EstimateConfig, values, "estimate config")
+    cfg = _load_config(args, "estimate")
     spec = load_spec(args.dataset, args.spec)
     check_tracking()
     plan = plan_estimate(spec, cfg)
     result = run_estimate(spec, cfg, plan=plan)
     r = result.report
-    print(f"{spec.name} {result.method} ({cfg.estimator}): MAE {r.mae:.4f} [{r.mae_ci_low:.4f}, {r.mae_ci_high:.4f}] "
-          f"KL {r.kl:.4f} JS {r.js:.4f} unmatched {r.unmatched_rate:.1%} noise floor {r.noise_floor_mae:.4f} "
-          + (f"readout MAE {result.readout.mae:.4f}; " if result.readout is not None else "")
-          + f"MLflow run {result.run_id}; samples {result.samples_path}")
+    terminal().print(
+        f"{spec.name} {result.method} ({cfg.estimator}): MAE {r.mae:.4f} [{r.mae_ci_low:.4f}, {r.mae_ci_high:.4f}] "
+        f"KL {r.kl:.4f} JS {r.js:.4f} unmatched {r.unmatched_rate:.1%} noise floor {r.noise_floor_mae:.4f} "
+        + (f"readout MAE {result.readout.mae:.4f}; " if result.readout is not None else "")
+        + f"MLflow run {result.run_id}; samples {result.samples_path}"
+    )
     return 0
 
 
 def cmd_finetune(args) -> int:
-    from distalign_ray.config import FinetuneConfig
     from distalign_ray.data.specs import load_spec
     from distalign_ray.tracking.mlflow_store import check_tracking, log_params, start_run
     from distalign_ray.training.finetune import check_binding, describe_result, log_finetune_result, run_finetune, validate_finetune
 
-    values = _load_config(args, "finetune")
-    values.update(_overrides(args, ["model", "loss_mode", "init_adapter", "epochs", "num_workers", "max_contexts", "seed"]))
-    cfg = _validated(FinetuneConfig, values, "finetune config")
+    cfg = _load_config(args, "finetune")
     spec = load_spec(args.dataset, args.spec)
     check_tracking()
     validate_finetune(spec, cfg, args.output)
-    with start_run(f"finetune-{spec.name}-{cfg.loss_mode}", tags={"dataset": spec.name, "method": cfg.loss_mode, "model": cfg.model, "task": "attribute"}) as run:
+    description = f"Fine-tune ({cfg.loss_mode}) of {cfg.model} on {spec.name}; adapter {args.output}"
+    with start_run(
+        f"finetune-{spec.name}-{cfg.loss_mode}",
+        description,
+        tags={"dataset": spec.name, "method": cfg.loss_mode, "model": cfg.model, "task": "attribute"},
+    ) as run:
         log_params(cfg.model_dump())
         result = run_finetune(spec, cfg, args.output, mlflow_run_id=run.info.run_id)
         log_finetune_result(result, cfg)
-        print("\n".join(describe_result(result)))
-        print(f"adapter written to {result['adapter']}; MLflow run {run.info.run_id}")
+        terminal().print("\n".join(describe_result(result)))
+        terminal().print(f"adapter written to {result['adapter']}; MLflow run {run.info.run_id}")
         check_binding(result, cfg)  # a failed check ends the MLflow run as FAILED
     return 0
 
 
 def cmd_quickstart(args) -> int:
-    from distalign_ray.quickstart import QuickstartConfig, run_quickstart
+    from distalign_ray.quickstart import run_quickstart
 
-    values = _load_config(args, "quickstart")
-    cfg = _validated(QuickstartConfig, values, "quickstart config")
-    finetune = cfg.finetune.model_dump() | _overrides(args, ["epochs", "num_workers", "max_contexts", "model"])
-    estimate = cfg.estimate.model_dump() | _overrides(args, ["samples_per_context", "max_contexts"])
-    cfg = _validated(QuickstartConfig, cfg.model_dump() | {"finetune": finetune, "estimate": estimate} | _overrides(args, ["output"]), "quickstart config")
-    run_quickstart(cfg)
+    run_quickstart(_load_config(args, "quickstart"))
     return 0
 
 
@@ -266,20 +276,27 @@ COMMANDS = {
     "compare": cmd_compare,
     "sweep": cmd_sweep,
     "ui": cmd_ui,
+    "config": cmd_config,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
-    try:
-        return COMMANDS[args.command](args)
-    except DistalignError as exc:
-        print(f"distalign: error: {exc}", file=sys.stderr)
-        return 2
-    except CheckFailed as exc:
-        print(f"distalign: check failed: {exc}", file=sys.stderr)
-        return CheckFailed.exit_code
+    quiet = hasattr(args, "verbose") and not args.verbose  # the commands that run Ray
+    with captured_output(home_dir() / "logs", args.command, enabled=quiet) as log:
+        if log is not None:
+            terminal().print(f"log: {log.final}", highlight=False)
+        try:
+            return COMMANDS[args.command](args)
+        except DistalignError as exc:
+            if log is not None:
+                log.discard()  # bad input: nothing written
+            print(f"distalign: error: {exc}", file=error_stream())
+            return 2
+        except CheckFailed as exc:
+            print(f"distalign: check failed: {exc}", file=error_stream())
+            return CheckFailed.exit_code
 
 
 if __name__ == "__main__":

@@ -20,7 +20,19 @@ from distalign_ray.errors import DistalignError
 from distalign_ray.methods import Method, get_methods
 from distalign_ray.paths import home_dir
 
-RESULT_COLUMNS = ("dataset", "task", "method", "mae", "mae_ci_low", "mae_ci_high", "kl", "js", "unmatched_rate", "noise_floor_mae", "readout_mae")
+RESULT_COLUMNS = (
+    "dataset",
+    "task",
+    "method",
+    "mae",
+    "mae_ci_low",
+    "mae_ci_high",
+    "kl",
+    "js",
+    "unmatched_rate",
+    "noise_floor_mae",
+    "readout_mae",
+)
 
 
 class CompareConfig(BaseModel):
@@ -29,11 +41,16 @@ class CompareConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field("compare", pattern=r"^[A-Za-z0-9_\-]+$", description="resume key: a rerun with the same name continues")
-    datasets: list[str] = Field(default_factory=lambda: ["gender-uk-real", "gender-us-real"])
+    datasets: list[str] = Field(default_factory=lambda: ["gender-uk-real", "gender-us-real"], description="built-in dataset names")
     methods: list[str] | None = Field(None, description="default: every method in the registry")
-    tasks: list[str] = Field(default_factory=lambda: ["attribute"])
-    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
-    estimate: EstimateConfig = Field(default_factory=lambda: EstimateConfig(samples_per_context=40))
+    tasks: list[str] = Field(default_factory=lambda: ["attribute"], description="attribute and/or story")
+    finetune: FinetuneConfig = Field(
+        default_factory=FinetuneConfig, description="fine-tuning settings of every trained method (loss_mode set per method)"
+    )
+    estimate: EstimateConfig = Field(
+        default_factory=lambda: EstimateConfig(samples_per_context=40),
+        description="estimation settings of every cell (task, adapter and prompt engineering set per cell)",
+    )
     capability: bool = Field(True, description="perplexity / KL-from-base on neutral text for every fine-tune")
     lm_eval_tasks: list[str] = Field(default_factory=list, description="optional lm-eval tasks (needs lm-eval and its data)")
 
@@ -46,8 +63,10 @@ def _parent_run(name: str):
     import mlflow
 
     runs = mlflow.search_runs(
-        experiment_names=["distalign"], filter_string=f"tags.job = 'compare' and tags.compare = '{name}'",
-        order_by=["attributes.start_time DESC"], output_format="list",
+        experiment_names=["distalign"],
+        filter_string=f"tags.job = 'compare' and tags.compare = '{name}'",
+        order_by=["attributes.start_time DESC"],
+        output_format="list",
     )
     return runs[0].info.run_id if runs else None
 
@@ -82,7 +101,8 @@ def _train(method: Method, dataset: str, cfg: CompareConfig, adapters: str, spec
         update["init_adapter"] = storage.join(adapters, dataset, method.init_from)
     ft = cfg.finetune.model_copy(update=update)
     tags = {"kind": "train", "dataset": dataset, "method": method.name, "model": ft.model, "compare": cfg.name}
-    with start_run(f"train:{method.name}:{dataset}", tags=tags, nested=True) as run:
+    description = f"Comparison '{cfg.name}': training {method.name} ({method.description}) on {dataset}"
+    with start_run(f"train:{method.name}:{dataset}", description, tags=tags, nested=True) as run:
         log_params(ft.model_dump())
         result = run_finetune(spec, ft, output, mlflow_run_id=run.info.run_id)
         log_finetune_result(result, ft)  # a cell records its binding check; the comparison table shows it
@@ -112,13 +132,13 @@ def validate_compare(cfg: CompareConfig):
 
 def run_compare(cfg: CompareConfig, console=None, report: str | Path | None = None) -> list[dict]:
     import mlflow
-    from rich.console import Console
 
     from distalign_ray.cluster import init_ray
+    from distalign_ray.console import terminal
     from distalign_ray.estimate import run_estimate
-    from distalign_ray.tracking.mlflow_store import check_tracking, ensure_experiment, log_params
+    from distalign_ray.tracking.mlflow_store import attach_log, check_tracking, ensure_experiment, log_params
 
-    console = console or Console()
+    console = console or terminal()
     started = time.time()
     check_tracking()
     methods, specs = validate_compare(cfg)
@@ -127,31 +147,46 @@ def run_compare(cfg: CompareConfig, console=None, report: str | Path | None = No
     experiment_id = ensure_experiment()
     parent_id = _parent_run(cfg.name)
     if parent_id is None:
-        parent = mlflow.start_run(run_name=f"compare-{cfg.name}", experiment_id=experiment_id, tags={"job": "compare", "compare": cfg.name})
-        log_params(cfg.model_dump(exclude={"finetune", "estimate"}) | {"finetune": cfg.finetune.model_dump(), "estimate": cfg.estimate.model_dump()})
+        parent = mlflow.start_run(
+            run_name=f"compare-{cfg.name}",
+            experiment_id=experiment_id,
+            tags={"job": "compare", "compare": cfg.name},
+            description=f"Comparison '{cfg.name}' of methods x datasets x tasks; a child run per cell (`distalign compare --name {cfg.name}` resumes it)",
+        )
+        log_params(
+            cfg.model_dump(exclude={"finetune", "estimate"})
+            | {"finetune": cfg.finetune.model_dump(), "estimate": cfg.estimate.model_dump()}
+        )
     else:
         parent = mlflow.start_run(run_id=parent_id)
         console.print(f"resuming comparison '{cfg.name}' (run {parent_id})")
     with parent:
-        done = finished_cells(parent.info.run_id)
-        for dataset, spec in specs.items():
-            for method in methods:
-                adapter = _train(method, dataset, cfg, adapters, spec) if method.loss_mode else None
-                for task in cfg.tasks:
-                    key = cell_key(dataset, method.name, task)
-                    if key in done:
-                        console.print(f"skip {key} (finished in run {done[key]})")
-                        continue
-                    console.rule(key)
-                    est = cfg.estimate.model_copy(update={
-                        "model": cfg.finetune.model, "adapter": str(adapter) if adapter else None,
-                        "task": task, "prompt_engineering": method.prompt_engineering,
-                    })
-                    tags = {"kind": "estimate", "cell": key, "compare": cfg.name, "method": method.name}
-                    run_estimate(spec, est, tags=tags, run_name=f"{method.name}:{dataset}:{task}")
-        rows = collect_results(parent.info.run_id)
-        write_results(rows, home_dir() / "compare" / cfg.name / "results")
-        mlflow.log_artifacts(str(home_dir() / "compare" / cfg.name / "results"), artifact_path="results")
+        try:
+            done = finished_cells(parent.info.run_id)
+            for dataset, spec in specs.items():
+                for method in methods:
+                    adapter = _train(method, dataset, cfg, adapters, spec) if method.loss_mode else None
+                    for task in cfg.tasks:
+                        key = cell_key(dataset, method.name, task)
+                        if key in done:
+                            console.print(f"skip {key} (finished in run {done[key]})")
+                            continue
+                        console.rule(key)
+                        est = cfg.estimate.model_copy(
+                            update={
+                                "model": cfg.finetune.model,
+                                "adapter": str(adapter) if adapter else None,
+                                "task": task,
+                                "prompt_engineering": method.prompt_engineering,
+                            }
+                        )
+                        tags = {"kind": "estimate", "cell": key, "compare": cfg.name, "method": method.name}
+                        run_estimate(spec, est, tags=tags, run_name=f"{method.name}:{dataset}:{task}")
+            rows = collect_results(parent.info.run_id)
+            write_results(rows, home_dir() / "compare" / cfg.name / "results")
+            mlflow.log_artifacts(str(home_dir() / "compare" / cfg.name / "results"), artifact_path="results")
+        finally:
+            attach_log()
     console.print(results_markdown(rows))
     if report:
         Path(report).write_text(results_document(rows, cfg, time.time() - started))
@@ -177,7 +212,10 @@ def collect_results(parent_id: str) -> list[dict]:
 
 
 def results_markdown(rows: list[dict]) -> str:
-    lines = ["| dataset | task | method | MAE (95% CI) | KL | JS | unmatched | noise floor | readout MAE |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| dataset | task | method | MAE (95% CI) | KL | JS | unmatched | noise floor | readout MAE |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         readout = "" if r["readout_mae"] is None or math.isnan(r["readout_mae"]) else f"{r['readout_mae']:.3f}"
         lines.append(
@@ -205,7 +243,7 @@ def results_document(rows: list[dict], cfg: CompareConfig, seconds: float) -> st
     lines = [
         f"# Results: comparison `{cfg.name}`",
         "",
-        "Generated by `distalign compare` from a real run (MLflow parent run tagged `compare={}`).".format(cfg.name),
+        f"Generated by `distalign compare` from a real run (MLflow parent run tagged `compare={cfg.name}`).",
         "",
         "## Budget",
         "",
@@ -225,7 +263,7 @@ def results_document(rows: list[dict], cfg: CompareConfig, seconds: float) -> st
         "| dataset | task | ours: best method (MAE) | ours: hybrid | paper (proposed method) |",
         "|---|---|---|---|---|",
     ]
-    for (dataset, task) in sorted({(r["dataset"], r["task"]) for r in rows}):
+    for dataset, task in sorted({(r["dataset"], r["task"]) for r in rows}):
         cells = [r for r in rows if r["dataset"] == dataset and r["task"] == task]
         best = min(cells, key=lambda r: r["mae"])
         hybrid = next((f"{r['mae']:.3f}" for r in cells if r["method"] == "hybrid"), "—")

@@ -11,6 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from distalign_ray.losses.hybrid import LOSS_MODES
 
+BASELINE_MODES = ("ift", "dpo")
+TRAINING_MODES = (*LOSS_MODES, *BASELINE_MODES)  # steering loss modes, then the baselines
+
 
 class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -57,9 +60,7 @@ class FinetuneConfig(_Config):
         None, ge=0, description="stage-1 (SFT) epochs; default: at least 2 and enough for min_sft_steps; 0 = no SFT"
     )
     sft_lr: float = Field(2e-3, gt=0, description="stage-1 peak learning rate")
-    epochs: int | None = Field(
-        None, ge=1, description="stage-2 (or baseline) epochs; default: at least 5 and enough for min_steps"
-    )
+    epochs: int | None = Field(None, ge=1, description="stage-2 (or baseline) epochs; default: at least 5 and enough for min_steps")
     lr: float = Field(2e-3, gt=0, description="stage-2 (or baseline) peak learning rate")
     prompts_per_batch: int | None = Field(
         None,
@@ -88,7 +89,7 @@ class FinetuneConfig(_Config):
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay floor, as a fraction of lr")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    lora: LoraSettings = Field(default_factory=LoraSettings)
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="the LoRA adapter's shape")
     num_workers: int = Field(2, ge=0, description="Ray Train workers; 0 = local mode in this process")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per Ray Train worker")
     use_gpu: bool = Field(False, description="train on GPUs: one device per worker from Ray Train, bf16 autocast, NCCL")
@@ -103,26 +104,30 @@ class FinetuneConfig(_Config):
     max_failures: int = Field(0, ge=0, description="Ray Train worker-group restarts from the last checkpoint")
 
     @model_validator(mode="after")
-    def _check_mode(self) -> "FinetuneConfig":
+    def _check_mode(self) -> FinetuneConfig:
         if self.use_gpu and self.num_workers == 0:
             raise ValueError("use_gpu needs Ray Train workers (num_workers >= 1)")
-        if self.loss_mode not in (*LOSS_MODES, "ift", "dpo"):
-            raise ValueError(f"loss_mode must be one of {sorted(LOSS_MODES) + ['dpo', 'ift']}")
+        if self.loss_mode not in TRAINING_MODES:
+            raise ValueError(f"loss_mode must be one of {', '.join(TRAINING_MODES)}")
         return self
 
 
 class EstimateConfig(_Config):
-    model: str = "smollm2-135m"
-    adapter: str | None = None
-    task: Literal["attribute", "story"] = "attribute"
-    estimator: Literal["sample", "readout"] = "sample"
+    model: str = Field("smollm2-135m", description="alias, local HF folder, or hub id")
+    adapter: str | None = Field(None, description="a fine-tuned adapter folder or storage URI (from `distalign finetune`)")
+    task: Literal["attribute", "story"] = Field("attribute", description="attribute: one-word answers; story: a short story, classified")
+    estimator: Literal["sample", "readout"] = Field(
+        "sample", description="sample: generate and classify answers; readout: the steering-id probabilities (adapters only)"
+    )
     samples_per_context: int | None = Field(None, gt=0, description="default: the spec's value")
     samples_per_request: int = Field(25, gt=0, description="samples drawn by one generate() call")
     max_new_tokens: int | None = Field(None, gt=0, description="default: 12 for attributes, 96 for stories")
     temperature: float = Field(1.0, ge=0, description="0 = greedy")
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass (1 = plain sampling)")
     engine: Literal["auto", "vllm", "hf"] = Field("auto", description="auto = vLLM when importable, else transformers")
-    num_actors: int | None = Field(None, ge=1, description="engine actors; default: transformers 2, vLLM 1 (on GPUs: set it to the GPU count)")
+    num_actors: int | None = Field(
+        None, ge=1, description="engine actors; default: transformers 2, vLLM 1 (on GPUs: set it to the GPU count)"
+    )
     cpus_per_actor: float | None = Field(None, gt=0, description="default: transformers 1, vLLM on CPU all of the host's cores")
     gpus_per_actor: float = Field(
         0, ge=0, description="GPUs per engine actor (vLLM on GPU clusters); a whole number > 1 = tensor parallelism over them"
@@ -135,9 +140,9 @@ class EstimateConfig(_Config):
     vllm_lora: Literal["auto", "lora", "merge"] = Field(
         "auto", description="serve an adapter via vLLM LoRA or merged into the base; auto = LoRA on GPU, merged on CPU"
     )
-    prompt_engineering: bool = False
-    max_contexts: int | None = Field(None, gt=0)
-    bootstrap_resamples: int = Field(1000, gt=0)
+    prompt_engineering: bool = Field(False, description="state the target distribution in the prompt (the baseline)")
+    max_contexts: int | None = Field(None, gt=0, description="estimate the first N contexts only")
+    bootstrap_resamples: int = Field(1000, gt=0, description="bootstrap resamples of the MAE confidence interval")
     story_classifier: Literal["auto", "lexical", "judge"] = Field(
         "auto", description="stories: lexical word counts (gender only) or the LLM judge; auto = lexical for gender"
     )
@@ -145,7 +150,7 @@ class EstimateConfig(_Config):
     seed: int = Field(0, description="seeds sampling (per request) and the bootstrap intervals")
 
     @model_validator(mode="after")
-    def _check_gpus(self) -> "EstimateConfig":
+    def _check_gpus(self) -> EstimateConfig:
         if self.gpus_per_actor > 1 and not float(self.gpus_per_actor).is_integer():
             raise ValueError("gpus_per_actor above 1 is tensor parallelism: give a whole number of GPUs")
         return self

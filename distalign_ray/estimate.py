@@ -72,9 +72,7 @@ def plan_estimate(spec: DistributionSpec, cfg: EstimateConfig) -> EstimatePlan:
         cfg = cfg.model_copy(update={"adapter": normalize(cfg.adapter)})
         meta = read_adapter_meta(cfg.adapter)
         if meta["categories"] != spec.categories:
-            raise DistalignError(
-                f"adapter was trained for categories {meta['categories']}, the spec has {spec.categories}"
-            )
+            raise DistalignError(f"adapter was trained for categories {meta['categories']}, the spec has {spec.categories}")
         if engine == "vllm" and cfg.vllm_lora == "lora" and meta.get("added_special_tokens"):
             raise DistalignError("this adapter added steering tokens; vLLM serves it merged only (vllm_lora: merge or auto)")
         tokenizer = load_tokenizer(model_ref, adapter_on_this_node(cfg.adapter))
@@ -125,11 +123,16 @@ def _judge_labels(spec: DistributionSpec, cfg: EstimateConfig, texts: list[str])
     requests = []
     for i, text in enumerate(texts):
         messages = [{"role": "user", "content": judge_prompt(spec.attribute, spec.categories, text)}]
-        ids = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        ids = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), add_special_tokens=False)[
+            "input_ids"
+        ]
         requests.append({"request_id": i, "prompt_ids": ids, "n": 1, "seed": 0, "with_readout": False})
     answers = [tokenizer(spec.answers[c], add_special_tokens=False)["input_ids"] for c in spec.categories]
     rows = run_requests(
-        requests, judge_ref.__dict__, None, SteeringSetup(token_ids=None, answer_ids=answers),
+        requests,
+        judge_ref.__dict__,
+        None,
+        SteeringSetup(token_ids=None, answer_ids=answers),
         SamplingSettings(max_new_tokens=8, temperature=0.0),
         **engine_options(cfg, choose_engine(cfg.engine, judge_ref.path, on_gpu=cfg.gpus_per_actor > 0)),
     )
@@ -192,21 +195,35 @@ def engine_options(cfg: EstimateConfig, engine: str) -> dict:
 
 
 def execute_plan(plan: EstimatePlan) -> tuple[list[dict], float]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
     from distalign_ray.adapters import publish_adapter
     from distalign_ray.cluster import init_ray
+    from distalign_ray.console import terminal
     from distalign_ray.generation.pipeline import run_requests
 
     init_ray()
     started = time.time()
     sampling = SamplingSettings(plan.cfg.new_tokens(), plan.cfg.temperature, plan.cfg.top_p)
-    rows = run_requests(
-        plan.requests,
-        plan.model_ref.__dict__,
-        publish_adapter(plan.cfg.adapter),  # engines on any node read it from storage
-        plan.steering,
-        sampling,
-        **engine_options(plan.cfg, plan.engine),
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("samples"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
     )
+    with Progress(*columns, console=terminal()) as progress:
+        task = progress.add_task(f"{plan.method} on {plan.spec.name}", total=sum(int(r["n"]) for r in plan.requests))
+        rows = run_requests(
+            plan.requests,
+            plan.model_ref.__dict__,
+            publish_adapter(plan.cfg.adapter),  # engines on any node read it from storage
+            plan.steering,
+            sampling,
+            **engine_options(plan.cfg, plan.engine),
+            on_samples=lambda n: progress.advance(task, n),
+        )
     return rows, time.time() - started
 
 
@@ -278,7 +295,9 @@ def estimation_tags(plan: EstimatePlan, extra: dict | None = None) -> dict:
     return tags
 
 
-def run_estimate(spec: DistributionSpec, cfg: EstimateConfig, tags: dict | None = None, run_name: str | None = None, plan: EstimatePlan | None = None) -> EstimateResult:
+def run_estimate(
+    spec: DistributionSpec, cfg: EstimateConfig, tags: dict | None = None, run_name: str | None = None, plan: EstimatePlan | None = None
+) -> EstimateResult:
     """Plan (validate), generate on Ray Data, summarise, and log one MLflow run."""
     import mlflow
 
@@ -289,8 +308,16 @@ def run_estimate(spec: DistributionSpec, cfg: EstimateConfig, tags: dict | None 
     plan = plan or plan_estimate(spec, cfg)
     init_ray()  # before logging the engine layout: it depends on the cluster's nodes
     run_name = run_name or f"estimate-{plan.spec.name}-{plan.method}-{cfg.task}-{cfg.estimator}"
-    with start_run(run_name, tags=estimation_tags(plan, tags), nested=mlflow.active_run() is not None) as run:
-        log_params({"estimate": cfg.model_dump(), "engine": engine_options(cfg, plan.engine), "dataset": plan.spec.name, "num_requests": len(plan.requests)})
+    description = f"Estimate of {plan.method}'s {cfg.task} distribution on {plan.spec.name} ({cfg.estimator}): MAE against the targets"
+    with start_run(run_name, description, tags=estimation_tags(plan, tags), nested=mlflow.active_run() is not None) as run:
+        log_params(
+            {
+                "estimate": cfg.model_dump(),
+                "engine": engine_options(cfg, plan.engine),
+                "dataset": plan.spec.name,
+                "num_requests": len(plan.requests),
+            }
+        )
         rows, seconds = execute_plan(plan)
         output_dir = home_dir() / "runs" / run.info.run_id
         report, readout, diff, samples_path, extra = summarize(plan, rows, output_dir)
@@ -308,8 +335,12 @@ def run_estimate(spec: DistributionSpec, cfg: EstimateConfig, tags: dict | None 
         if readout is not None:
             series["readout"] = readout.estimates
         plot_distributions(
-            plan.spec.contexts, plan.spec.categories, np.array(plan.spec.targets), series,
-            f"{plan.spec.name} - {plan.method} ({cfg.estimator}) MAE {report.mae:.3f}", output_dir / "distribution.png",
+            plan.spec.contexts,
+            plan.spec.categories,
+            np.array(plan.spec.targets),
+            series,
+            f"{plan.spec.name} - {plan.method} ({cfg.estimator}) MAE {report.mae:.3f}",
+            output_dir / "distribution.png",
         )
         mlflow.log_artifacts(str(output_dir))
         if shared_storage_configured():  # the run's tables beside the adapters and checkpoints

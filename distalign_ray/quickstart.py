@@ -4,6 +4,7 @@ estimate again, and print the before/after comparison. Everything lands in one M
 from __future__ import annotations
 
 import time
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from distalign_ray.config import EstimateConfig, FinetuneConfig
@@ -11,27 +12,30 @@ from distalign_ray.data.specs import load_spec
 from distalign_ray.storage import join, storage_root
 
 
-
 class QuickstartConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    dataset: str = "gender-uk-real"
-    spec: str | None = None
+    dataset: str = Field("gender-uk-real", description="built-in dataset (see `distalign datasets list`)")
+    spec: str | None = Field(None, description="a spec YAML file instead of the dataset (format: docs/specs.md)")
     output: str | None = Field(None, description="adapter folder or storage URI (default: <storage>/adapters/quickstart-<time>)")
-    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    finetune: FinetuneConfig = Field(
+        default_factory=FinetuneConfig, description="the fine-tune; its model is also the base of both estimates"
+    )
     # The spec's own protocol (100 samples per context for gender-UK-real); about 8 min in all on 2 cores.
-    estimate: EstimateConfig = Field(default_factory=EstimateConfig)
+    estimate: EstimateConfig = Field(
+        default_factory=EstimateConfig, description="both estimates (before and after); model and adapter are set by the quickstart"
+    )
 
 
 def run_quickstart(cfg: QuickstartConfig, console=None) -> dict:
     import mlflow
-    from rich.console import Console
 
+    from distalign_ray.console import terminal
     from distalign_ray.estimate import plan_estimate, run_estimate
-    from distalign_ray.tracking.mlflow_store import check_tracking, log_params, start_run, tracking_uri
+    from distalign_ray.tracking.mlflow_store import check_tracking, log_params, start_run
     from distalign_ray.training.finetune import check_binding, describe_result, log_finetune_result, run_finetune, validate_finetune
 
-    console = console or Console()
+    console = console or terminal()
     spec = load_spec(None if cfg.spec else cfg.dataset, cfg.spec)
     output = cfg.output or join(storage_root(), "adapters", f"quickstart-{time.strftime('%Y%m%d-%H%M%S')}")
     estimate_before = cfg.estimate.model_copy(update={"model": cfg.finetune.model, "adapter": None})
@@ -41,8 +45,15 @@ def run_quickstart(cfg: QuickstartConfig, console=None) -> dict:
     before_plan = plan_estimate(spec, estimate_before)
     timings = {}
     started = time.time()
-    with start_run(f"quickstart-{spec.name}", tags={"dataset": spec.name, "task": "attribute", "job": "quickstart"}) as parent:
-        log_params({"quickstart": cfg.model_dump(exclude={"finetune", "estimate"}), "finetune": cfg.finetune.model_dump(), "estimate": cfg.estimate.model_dump()})
+    description = f"Quickstart on {spec.name}: the base model's distribution, a hybrid fine-tune, the fine-tuned model's distribution"
+    with start_run(f"quickstart-{spec.name}", description, tags={"dataset": spec.name, "task": "attribute", "job": "quickstart"}) as parent:
+        log_params(
+            {
+                "quickstart": cfg.model_dump(exclude={"finetune", "estimate"}),
+                "finetune": cfg.finetune.model_dump(),
+                "estimate": cfg.estimate.model_dump(),
+            }
+        )
         console.rule("[bold]1/3 estimate the base model")
         t = time.time()
         before = run_estimate(spec, estimate_before, tags={"stage": "before"}, run_name="before", plan=before_plan)
@@ -51,7 +62,12 @@ def run_quickstart(cfg: QuickstartConfig, console=None) -> dict:
 
         console.rule("[bold]2/3 fine-tune (SFT, then steering KL + KTO) on Ray Train")
         t = time.time()
-        with start_run("finetune", tags={"dataset": spec.name, "method": cfg.finetune.loss_mode, "model": cfg.finetune.model, "task": "attribute"}, nested=True) as ft_run:
+        with start_run(
+            "finetune",
+            f"Fine-tune ({cfg.finetune.loss_mode}) of {cfg.finetune.model} on {spec.name}",
+            tags={"dataset": spec.name, "method": cfg.finetune.loss_mode, "model": cfg.finetune.model, "task": "attribute"},
+            nested=True,
+        ) as ft_run:
             log_params(cfg.finetune.model_dump())
             trained = run_finetune(spec, cfg.finetune, output, mlflow_run_id=ft_run.info.run_id)
             log_finetune_result(trained, cfg.finetune)
@@ -67,13 +83,22 @@ def run_quickstart(cfg: QuickstartConfig, console=None) -> dict:
         timings["estimate_after_s"] = time.time() - t
         timings["total_s"] = time.time() - started
         mlflow.log_metrics({"before_mae": before.report.mae, "after_mae": after.report.mae, **timings})
-    summary = {"before": before, "after": after, "timings": timings, "adapter": trained["adapter"], "binding": trained["binding"], "parent_run_id": parent.info.run_id}
-    print_comparison(console, spec.subset(cfg.estimate.max_contexts), before, after, timings, tracking_uri())
+    summary = {
+        "before": before,
+        "after": after,
+        "timings": timings,
+        "adapter": trained["adapter"],
+        "binding": trained["binding"],
+        "parent_run_id": parent.info.run_id,
+    }
+    print_comparison(console, spec.subset(cfg.estimate.max_contexts), before, after, timings, parent.info.run_id)
     return summary
 
 
-def print_comparison(console, spec, before, after, timings: dict, uri: str) -> None:
+def print_comparison(console, spec, before, after, timings: dict, parent_run_id: str) -> None:
     from rich.table import Table
+
+    from distalign_ray.tracking.mlflow_store import run_url, tracking_uri
 
     table = Table(title=f"{spec.name}: before vs after fine-tuning")
     table.add_column("context")
@@ -97,4 +122,5 @@ def print_comparison(console, spec, before, after, timings: dict, uri: str) -> N
             f"JS {r.js:.3f}  unmatched {r.unmatched_rate:.1%}  noise floor {r.noise_floor_mae:.3f}  readout MAE {result.readout.mae:.3f}"
         )
     console.print("timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
-    console.print(f"Open the MLflow UI:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    where = "" if tracking_uri().startswith(("http://", "https://")) else "distalign ui   then open "
+    console.print(f"MLflow: {where}{run_url(parent_run_id)}", soft_wrap=True)

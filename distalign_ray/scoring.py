@@ -48,9 +48,7 @@ class CompletionScores:
     completion_mask: torch.Tensor  # [R, C]
 
 
-def score_encoded(
-    model, encoded: EncodedPrompts, row_prompt: list[int], completions: list[list[int]], pad_id: int
-) -> CompletionScores:
+def score_encoded(model, encoded: EncodedPrompts, row_prompt: list[int], completions: list[list[int]], pad_id: int) -> CompletionScores:
     """Score `completions[r]` after prompt `row_prompt[r]`. Consumes `encoded.cache`."""
     device = encoded.last_logits.device
     index = torch.tensor(row_prompt, device=device)
@@ -65,9 +63,7 @@ def score_encoded(
         rows = len(completions)
         attention = torch.cat([encoded.attention_mask[index], torch.ones(rows, width - 1, dtype=torch.long, device=device)], dim=1)
         positions = encoded.lengths[index].unsqueeze(1) + torch.arange(width - 1, device=device).unsqueeze(0)
-        out = model(
-            input_ids=ids[:, :-1], attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True
-        )
+        out = model(input_ids=ids[:, :-1], attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True)
         columns.append(torch.log_softmax(out.logits.float(), dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1))
     token_logps = torch.cat(columns, dim=1) * completion_mask
     return CompletionScores(first_logits=first_logits, token_logps=token_logps, completion_mask=completion_mask)

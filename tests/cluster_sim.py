@@ -41,10 +41,14 @@ def node_ports() -> list[str]:
     """Every port a node opens, chosen free, so this cluster never collides with another local one."""
     low = random.randrange(20000, 31000, 200)  # worker ports: below the ephemeral range, above Ray's defaults
     return [
-        f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-        f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-        f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-        f"--min-worker-port={low}", f"--max-worker-port={low + 150}",
+        f"--node-manager-port={free_port()}",
+        f"--object-manager-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--min-worker-port={low}",
+        f"--max-worker-port={low + 150}",
     ]
 
 
@@ -123,10 +127,23 @@ class SimulatedCluster:
         self._start_mlflow()
         with open(self.base / "head.log", "w") as log:  # a file, not a pipe: the daemons inherit it
             subprocess.run(
-                [BIN / "ray", "start", "--head", "--num-cpus=0", f"--port={self.port}", "--dashboard-host=127.0.0.1",
-                 f"--dashboard-port={self.dashboard_port}", "--include-dashboard=true",
-                 f"--ray-client-server-port={free_port()}", *node_ports()],
-                env=self.head_env(), check=True, stdout=log, stderr=subprocess.STDOUT, timeout=180,
+                [
+                    BIN / "ray",
+                    "start",
+                    "--head",
+                    "--num-cpus=0",
+                    f"--port={self.port}",
+                    "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={self.dashboard_port}",
+                    "--include-dashboard=true",
+                    f"--ray-client-server-port={free_port()}",
+                    *node_ports(),
+                ],
+                env=self.head_env(),
+                check=True,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=180,
             )
 
     def _start_mlflow(self) -> None:
@@ -134,10 +151,24 @@ class SimulatedCluster:
         store = self.head / "mlflow"
         env = self.head_env() | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         self._mlflow = subprocess.Popen(
-            [BIN / "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.mlflow_port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", str(store / "artifacts")],
+            [
+                BIN / "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.mlflow_port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{store / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(store / "artifacts"),
+            ],
             env=env | {NODE_MARKER: f"{self.cluster_id}-mlflow"},
-            stdout=open(self.base / "mlflow.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=open(self.base / "mlflow.log", "w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         deadline = time.time() + 90
         while time.time() < deadline:
@@ -156,14 +187,16 @@ class SimulatedCluster:
             "DISTALIGN_CACHE": str(self.head / "cache"),
             "DISTALIGN_HOME": str(self.head / "home"),
         }
-        start = " ".join(
-            [str(BIN / "ray"), "start", f"--address=127.0.0.1:{self.port}", f"--num-cpus={cpus}", *node_ports()]
-        )
+        start = " ".join([str(BIN / "ray"), "start", f"--address=127.0.0.1:{self.port}", f"--num-cpus={cpus}", *node_ports()])
         script = f"mount -t tmpfs tmpfs {self.head} && mkdir -p {self.head}/ray && {start}"
         with open(self.base / f"{name}.log", "w") as log:
             subprocess.run(
                 ["unshare", "--mount", "--propagation", "private", "bash", "-c", script],
-                env=env, check=True, stdout=log, stderr=subprocess.STDOUT, timeout=180,
+                env=env,
+                check=True,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=180,
             )
         self.wait_for_nodes(lambda nodes: any(n["resources_total"].get("CPU", 0) >= cpus for n in nodes))
 
@@ -182,7 +215,10 @@ class SimulatedCluster:
     def alive_nodes(self) -> list[dict]:
         reply = subprocess.run(
             [BIN / "ray", "list", "nodes", "--address", self.address, "--format", "json", "--filter", "state=ALIVE"],
-            env=self.client_env(), capture_output=True, text=True, timeout=60,
+            env=self.client_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         return json.loads(reply.stdout) if reply.returncode == 0 and reply.stdout.strip().startswith("[") else []
 
@@ -212,9 +248,25 @@ class SimulatedCluster:
         runtime_env = {"excludes": [".venv", ".distalign", ".git"], "env_vars": env_vars or {}}
         for _ in range(30):  # the head's job agent comes up a few seconds after `ray start` returns
             submitted = subprocess.run(
-                [BIN / "ray", "job", "submit", "--address", self.address, "--no-wait", "--working-dir", str(REPO),
-                 "--runtime-env-json", json.dumps(runtime_env), "--", str(BIN / "python"), *entrypoint],
-                env=self.client_env(), capture_output=True, text=True, timeout=120,
+                [
+                    BIN / "ray",
+                    "job",
+                    "submit",
+                    "--address",
+                    self.address,
+                    "--no-wait",
+                    "--working-dir",
+                    str(REPO),
+                    "--runtime-env-json",
+                    json.dumps(runtime_env),
+                    "--",
+                    str(BIN / "python"),
+                    *entrypoint,
+                ],
+                env=self.client_env(),
+                capture_output=True,
+                text=True,
+                timeout=120,
             )
             if "No available agent" not in submitted.stderr:
                 break
@@ -249,7 +301,10 @@ class SimulatedCluster:
         for what in ("actors", "placement-groups"):
             reply = subprocess.run(
                 [BIN / "ray", "list", what, "--address", self.address, "--filter", "state!=DEAD", "--limit", "50"],
-                env=self.client_env(), capture_output=True, text=True, timeout=60,
+                env=self.client_env(),
+                capture_output=True,
+                text=True,
+                timeout=60,
             )
             out.append(f"--- {what}\n{reply.stdout[-3000:]}{reply.stderr[-500:]}")
         return "\n".join(out)

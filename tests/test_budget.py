@@ -9,14 +9,20 @@ from distalign_ray.training.budget import plan_budget
 
 def _spec(contexts: int, templates: int = 2) -> DistributionSpec:
     names = [f"place {i}" for i in range(contexts)]
-    return spec_from_dict({
-        "name": "budget-test", "attribute": "colour", "categories": ["red", "blue", "green"],
-        "contexts": names, "target": {n: {"red": 0.5, "blue": 0.3, "green": 0.2} for n in names},
-        "templates": {
-            "attribute": [f"Template {t}: a thing at {{context}}. Is it {{categories_or}}?" for t in range(templates)],
-            "story": "A story about {context}.", "prompt_engineering": "Follow {target}.",
-        },
-    })
+    return spec_from_dict(
+        {
+            "name": "budget-test",
+            "attribute": "colour",
+            "categories": ["red", "blue", "green"],
+            "contexts": names,
+            "target": {n: {"red": 0.5, "blue": 0.3, "green": 0.2} for n in names},
+            "templates": {
+                "attribute": [f"Template {t}: a thing at {{context}}. Is it {{categories_or}}?" for t in range(templates)],
+                "story": "A story about {context}.",
+                "prompt_engineering": "Follow {target}.",
+            },
+        }
+    )
 
 
 def test_quickstart_budget_is_unchanged():

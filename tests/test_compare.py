@@ -22,10 +22,32 @@ def test_registry_pulls_in_what_a_method_starts_from():
 
 def test_results_writer(tmp_path):
     rows = [
-        {"dataset": "d1", "task": "attribute", "method": "zero-shot", "mae": 0.3, "mae_ci_low": 0.25, "mae_ci_high": 0.35,
-         "kl": 0.4, "js": 0.1, "unmatched_rate": 0.5, "noise_floor_mae": 0.05, "readout_mae": 0.2},
-        {"dataset": "d1", "task": "attribute", "method": "hybrid", "mae": 0.1, "mae_ci_low": 0.08, "mae_ci_high": 0.12,
-         "kl": 0.05, "js": 0.01, "unmatched_rate": 0.02, "noise_floor_mae": 0.05, "readout_mae": math.nan},
+        {
+            "dataset": "d1",
+            "task": "attribute",
+            "method": "zero-shot",
+            "mae": 0.3,
+            "mae_ci_low": 0.25,
+            "mae_ci_high": 0.35,
+            "kl": 0.4,
+            "js": 0.1,
+            "unmatched_rate": 0.5,
+            "noise_floor_mae": 0.05,
+            "readout_mae": 0.2,
+        },
+        {
+            "dataset": "d1",
+            "task": "attribute",
+            "method": "hybrid",
+            "mae": 0.1,
+            "mae_ci_low": 0.08,
+            "mae_ci_high": 0.12,
+            "kl": 0.05,
+            "js": 0.01,
+            "unmatched_rate": 0.02,
+            "noise_floor_mae": 0.05,
+            "readout_mae": math.nan,
+        },
     ]
     write_results(rows, tmp_path)
     markdown = (tmp_path / "results.md").read_text()

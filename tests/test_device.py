@@ -59,8 +59,14 @@ def test_training_tensors_follow_the_model_device(tiny_model_path, loss_mode):
             stage.step(scorer, [e for group in stage.groups[:2] for e in group])["loss"].backward()
         answers = [answer_ids(tokenizer, spec.answers[c])[:-1] for c in spec.categories]
         metrics = loop._epoch_metrics(
-            model, validation_set(spec, tokenizer, None), vocab.token_ids if vocab else None, answers,
-            tokenizer.pad_token_id, [1.0], rank=0, world=1,
+            model,
+            validation_set(spec, tokenizer, None),
+            vocab.token_ids if vocab else None,
+            answers,
+            tokenizer.pad_token_id,
+            [1.0],
+            rank=0,
+            world=1,
         )
     assert audit.undeviced == [], audit.undeviced
     assert 0 <= metrics["val_mae"] <= 1

@@ -28,8 +28,12 @@ def test_transformers_engine_skips_the_readout_but_not_the_steering(tiny_model_p
     from distalign_ray.generation.hf_engine import HFEngine
     from distalign_ray.models import ModelRef, load_model
 
-    engine = HFEngine(load_model(ModelRef("tiny", tiny_model_path, True)), tokenizer,
-                      SteeringSetup(token_ids=[32, 33], answer_ids=[[31609], [32032]]), SamplingSettings(max_new_tokens=2))
+    engine = HFEngine(
+        load_model(ModelRef("tiny", tiny_model_path, True)),
+        tokenizer,
+        SteeringSetup(token_ids=[32, 33], answer_ids=[[31609], [32032]]),
+        SamplingSettings(max_new_tokens=2),
+    )
     full, skipped = engine.generate(Request([1, 2, 3], 6, 9)), engine.generate(Request([1, 2, 3], 6, 9, with_readout=False))
     assert len(full.readout) == 2 and skipped.readout == []
     assert skipped.steering_indices == full.steering_indices and skipped.texts == full.texts  # same draws without it

@@ -38,7 +38,7 @@ def test_train_worker_killed_resumes_from_checkpoint(ray_cluster, tiny_model_pat
     first_checkpoint = lambda: any(p.is_dir() for p in storage.glob("finetune-*/checkpoint_*"))  # noqa: E731
     killer = threading.Thread(target=_kill_once, args=("RayTrainWorker", first_checkpoint, stop, killed), daemon=True)
     killer.start()
-    with start_run("ft-kill") as run:
+    with start_run("ft-kill", "fault-tolerance test run") as run:
         result = run_finetune(spec, cfg, tmp_path / "adapter", mlflow_run_id=run.info.run_id)
     stop.set()
     assert killed, "no worker was killed"
@@ -57,9 +57,7 @@ def test_generation_actor_killed_keeps_exact_counts(ray_cluster, tiny_model_path
 
     cfg = EstimateConfig(model=tiny_model_path, samples_per_context=60, samples_per_request=2, max_contexts=3, max_new_tokens=64)
     stop, killed = threading.Event(), []
-    killer = threading.Thread(
-        target=_kill_once, args=("MapWorker(MapBatches(EngineActor))", lambda: True, stop, killed, 6.0), daemon=True
-    )
+    killer = threading.Thread(target=_kill_once, args=("MapWorker(MapBatches(EngineActor))", lambda: True, stop, killed, 6.0), daemon=True)
     killer.start()
     result = run_estimate(load_dataset("gender-us-real"), cfg)
     stop.set()

@@ -60,7 +60,14 @@ def test_quickstart_via_ray_job_submit(tiny_model_path, tmp_path):
     config = {
         "dataset": "gender-us-real",
         "output": str(tmp_path / "adapter"),
-        "finetune": {"model": tiny_model_path, "num_workers": 2, "epochs": 1, "sft_epochs": 1, "max_contexts": 2, "binding_check": "report"},
+        "finetune": {
+            "model": tiny_model_path,
+            "num_workers": 2,
+            "epochs": 1,
+            "sft_epochs": 1,
+            "max_contexts": 2,
+            "binding_check": "report",
+        },
         "estimate": {"samples_per_context": 4, "max_contexts": 2, "max_new_tokens": 3},
     }
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
@@ -68,21 +75,52 @@ def test_quickstart_via_ray_job_submit(tiny_model_path, tmp_path):
     runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": uri, "DISTALIGN_HOME": str(tmp_path / "home")}}
     with open(tmp_path / "ray-start.log", "w") as log:  # a file, not a pipe: the head's daemons inherit it
         subprocess.run(
-            [bin_dir / "ray", "start", "--head", "--num-cpus=2", f"--port={port}", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
-             # Own agent ports: the suite's other local cluster already holds Ray's default ones.
-             f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-             f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
-             f"--ray-client-server-port={_free_port()}"],
-            env=env, check=True, stdout=log, stderr=subprocess.STDOUT, timeout=120,
+            [
+                bin_dir / "ray",
+                "start",
+                "--head",
+                "--num-cpus=2",
+                f"--port={port}",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dashboard_port}",
+                "--include-dashboard=true",
+                # Own agent ports: the suite's other local cluster already holds Ray's default ones.
+                f"--dashboard-agent-listen-port={_free_port()}",
+                f"--dashboard-agent-grpc-port={_free_port()}",
+                f"--metrics-export-port={_free_port()}",
+                f"--runtime-env-agent-port={_free_port()}",
+                f"--ray-client-server-port={_free_port()}",
+            ],
+            env=env,
+            check=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=120,
         )
     try:
         for _ in range(30):  # the head's job agent comes up a few seconds after `ray start` returns
             submitted = subprocess.run(
-                [bin_dir / "ray", "job", "submit", "--address", address, "--no-wait", "--working-dir", str(REPO),
-                 "--runtime-env-json", json.dumps(runtime_env), "--",
-                 "python", "jobs/quickstart.py", "--config", str(tmp_path / "tiny.yaml")],
-                env=env, capture_output=True, text=True, timeout=120,
+                [
+                    bin_dir / "ray",
+                    "job",
+                    "submit",
+                    "--address",
+                    address,
+                    "--no-wait",
+                    "--working-dir",
+                    str(REPO),
+                    "--runtime-env-json",
+                    json.dumps(runtime_env),
+                    "--",
+                    "python",
+                    "jobs/quickstart.py",
+                    "--config",
+                    str(tmp_path / "tiny.yaml"),
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
             )
             if "No available agent" not in submitted.stderr:
                 break
@@ -94,7 +132,10 @@ def test_quickstart_via_ray_job_submit(tiny_model_path, tmp_path):
         while time.time() < deadline:
             reply = subprocess.run(
                 [bin_dir / "ray", "job", "status", "--address", address, job_id],
-                env=env, capture_output=True, text=True, timeout=60,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
             )
             status = (reply.stdout + reply.stderr).lower()
             if any(f"job '{job_id.lower()}' {s}" in status for s in ("succeeded", "failed", "stopped")):
@@ -112,3 +153,13 @@ def test_quickstart_via_ray_job_submit(tiny_model_path, tmp_path):
     assert len(parent) == 1 and parent.iloc[0]["status"] == "FINISHED"
     assert set(runs["tags.stage"].dropna()) == {"before", "after"}
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    # The job's output is the quickstart's own lines; Ray's, Ray Data's and the workers' go to the log file.
+    (tmp_path / "job.log").write_text(logs)
+    (log,) = (tmp_path / "home" / "logs").glob("quickstart-*.log")
+    lines = logs.strip().splitlines()
+    assert len(lines) <= 60 and f"log: {log}" in logs and lines[-1].startswith("MLflow: "), logs
+    noise = log.read_text()
+    ours = logs[logs.index("log: ") :]  # after the job header of `ray job logs`
+    assert "TrainController" in noise and "TrainController" not in ours and "INFO" not in ours and "Warning" not in ours
+    artifacts = mlflow.MlflowClient().list_artifacts(parent.iloc[0]["run_id"], "logs")
+    assert [a.path for a in artifacts] == [f"logs/{log.name}"]

@@ -56,9 +56,7 @@ def load_models(path: str, policy_logit_scale: float):
 @pytest.mark.parametrize("policy_logit_scale, z0_positive", [(0.5, True), (2.0, False)])
 def test_kto_loss_matches_trl(tiny_model_path, tokenizer, tmp_path, policy_logit_scale, z0_positive):
     policy, reference = load_models(tiny_model_path, policy_logit_scale)
-    dataset = Dataset.from_dict(
-        {"prompt": [r[0] for r in ROWS], "completion": [r[1] for r in ROWS], "label": [r[2] for r in ROWS]}
-    )
+    dataset = Dataset.from_dict({"prompt": [r[0] for r in ROWS], "completion": [r[1] for r in ROWS], "label": [r[2] for r in ROWS]})
     config = trl.KTOConfig(
         output_dir=str(tmp_path),
         per_device_train_batch_size=len(ROWS),  # one batch, so the KL rotation spans the whole dataset
@@ -73,9 +71,7 @@ def test_kto_loss_matches_trl(tiny_model_path, tokenizer, tmp_path, policy_logit
         gradient_checkpointing=False,
         report_to=[],
     )
-    trainer = trl.KTOTrainer(
-        model=policy, ref_model=reference, args=config, train_dataset=dataset, processing_class=tokenizer
-    )
+    trainer = trl.KTOTrainer(model=policy, ref_model=reference, args=config, train_dataset=dataset, processing_class=tokenizer)
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["label"].any() and not batch["label"].all()
 
@@ -85,9 +81,7 @@ def test_kto_loss_matches_trl(tiny_model_path, tokenizer, tmp_path, policy_logit
     trl_metrics = trainer._metrics["eval"]
 
     def logps(model, prefix=""):
-        return completion_logps(
-            model, batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"], batch[f"{prefix}completion_mask"]
-        )
+        return completion_logps(model, batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"], batch[f"{prefix}completion_mask"])
 
     policy_kl_logps, reference_kl_logps = logps(policy, "KL_"), logps(reference, "KL_")
     ours = kto_loss(

@@ -19,9 +19,7 @@ from distalign_ray.evaluation.metrics import (
 )
 
 GENDER = LexicalClassifier(["male", "female"], {"male": ["man"], "female": ["woman"]})
-RACE = LexicalClassifier(
-    ["white", "black or african american", "asian"], {"black or african american": ["black", "african american"]}
-)
+RACE = LexicalClassifier(["white", "black or african american", "asian"], {"black or african american": ["black", "african american"]})
 
 
 @pytest.mark.parametrize(
@@ -58,9 +56,7 @@ def test_hand_computed_metrics():
     assert mae(targets, estimates).tolist() == pytest.approx([0.2, 0.0])
     assert kl_divergence(targets, estimates)[0] == pytest.approx(0.8 * math.log(0.8 / 0.6) + 0.2 * math.log(0.2 / 0.4))
     m = np.array([0.7, 0.3])
-    js = 0.5 * sum(t * math.log(t / mm) for t, mm in zip([0.8, 0.2], m)) + 0.5 * sum(
-        q * math.log(q / mm) for q, mm in zip([0.6, 0.4], m)
-    )
+    js = 0.5 * sum(t * math.log(t / mm) for t, mm in zip([0.8, 0.2], m)) + 0.5 * sum(q * math.log(q / mm) for q, mm in zip([0.6, 0.4], m))
     assert js_divergence(targets, estimates)[0] == pytest.approx(js)
     assert js_divergence(targets, estimates)[1] == pytest.approx(0.0)
 

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
@@ -17,7 +16,7 @@ import pytest
 
 from distalign_ray.config import FinetuneConfig
 from distalign_ray.data.specs import load_dataset
-from distalign_ray.tracking.mlflow_store import ui_command
+from distalign_ray.tracking.mlflow_store import experiment_url, ui_command
 from distalign_ray.tuning.sweep import SweepConfig, run_sweep
 
 BROWSER = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
@@ -34,9 +33,19 @@ def _free_port() -> int:
 def _rendered_dom(url: str, profile) -> str:
     """The DOM after the page's scripts ran (virtual time lets the React app fetch and render)."""
     command = [
-        BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", f"--user-data-dir={profile}",
-        "--window-size=1600,8000", "--virtual-time-budget=20000", "--dump-dom", url,
+        BROWSER,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        f"--user-data-dir={profile}",
+        "--window-size=1600,8000",
+        "--virtual-time-budget=20000",
+        "--dump-dom",
+        url,
     ]
     return subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
 
@@ -47,12 +56,15 @@ def _visible_text(dom: str) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.browser
 @pytest.mark.skipif(BROWSER is None, reason="no chromium binary (make test installs Debian's chromium)")
 def test_sweep_trials_and_mae_in_the_mlflow_ui(ray_cluster, tiny_model_path, mlflow_uri, tmp_path, monkeypatch):
     cfg = SweepConfig(
         name="ui-sweep",
         num_samples=2,
-        finetune=FinetuneConfig(model=tiny_model_path, num_workers=1, cpus_per_worker=0.5, epochs=1, sft_epochs=1, max_contexts=2, binding_check="report"),
+        finetune=FinetuneConfig(
+            model=tiny_model_path, num_workers=1, cpus_per_worker=0.5, epochs=1, sft_epochs=1, max_contexts=2, binding_check="report"
+        ),
         output=str(tmp_path / "best.yaml"),
     )
     result = run_sweep(load_dataset("gender-us-real"), cfg)
@@ -79,9 +91,12 @@ def test_sweep_trials_and_mae_in_the_mlflow_ui(ray_cluster, tiny_model_path, mlf
             assert trial["tags.mlflow.runName"] in text, f"trial {trial['tags.mlflow.runName']} not shown"
             value = repr(float(trial["metrics.val_mae"]))[:8]  # the page prints the full float
             assert re.search(r"val_mae\s+" + re.escape(value), text), f"val_mae {value}... not shown"
-        # The experiment's runs table lists the sweep's parent run by name.
-        runs_page = _visible_text(_rendered_dom(f"http://127.0.0.1:{port}/#/experiments/{experiment.experiment_id}/runs", tmp_path / "p2"))
-        assert "sweep-ui-sweep" in runs_page
+        # The experiment has the kind of a training experiment (older UIs open their runs table by it).
+        assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+        # `distalign ui` prints this link: the runs table of the "Model training" view.
+        first_page = _visible_text(_rendered_dom(experiment_url(experiment.experiment_id, f"http://127.0.0.1:{port}"), tmp_path / "p2"))
+        assert "sweep-ui-sweep" in first_page and "3 matching runs" in first_page, first_page[:2000]
+        assert "Detect Issues" not in first_page and "Traces 0" not in first_page
     finally:
         server.terminate()
         server.wait(timeout=30)

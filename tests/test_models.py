@@ -38,7 +38,9 @@ def test_concurrent_conversion_happens_once_and_atomically(tmp_path):
         "r = resolve_model('smollm2-135m'); m = load_model(r);"
         "print(sum(p.numel() for p in m.parameters()))"
     )
-    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
     assert [o[0].strip() for o in outputs] == ["134515008", "134515008"]

@@ -11,6 +11,7 @@ from distalign_ray.quickstart import QuickstartConfig, run_quickstart
 
 
 @pytest.mark.slow
+@pytest.mark.vllm
 def test_quickstart_small_on_embedded_model(ray_cluster, mlflow_uri, tmp_path):
     cfg = QuickstartConfig(
         dataset="gender-us-real",  # 14 occupations from 96% male to 14% male

@@ -125,11 +125,17 @@ def test_answers_that_differ_from_category_names_are_classified():
     """A category `on-foot` answered "On foot": the sampled answer must count as that category."""
     from distalign_ray.evaluation.classify import LexicalClassifier
 
-    spec = spec_from_dict({
-        "name": "commute", "attribute": "commute", "categories": ["on-foot", "by-car"],
-        "answers": {"on-foot": "On foot", "by-car": "By car"}, "aliases": {"by-car": ["driving"]},
-        "contexts": ["York"], "target": "uniform",
-        "templates": {"attribute": ["{context}: {categories_or}?"], "story": "s {context}", "prompt_engineering": "{target}"},
-    })
+    spec = spec_from_dict(
+        {
+            "name": "commute",
+            "attribute": "commute",
+            "categories": ["on-foot", "by-car"],
+            "answers": {"on-foot": "On foot", "by-car": "By car"},
+            "aliases": {"by-car": ["driving"]},
+            "contexts": ["York"],
+            "target": "uniform",
+            "templates": {"attribute": ["{context}: {categories_or}?"], "story": "s {context}", "prompt_engineering": "{target}"},
+        }
+    )
     classify = LexicalClassifier(spec.categories, spec.match_terms())
     assert [classify("On foot."), classify("by car"), classify("Driving, mostly"), classify("by bike")] == [0, 1, 1, None]

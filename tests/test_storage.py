@@ -72,14 +72,13 @@ def test_storage_must_be_writable(tmp_path):
 
 def test_cli_storage_flag_and_config_key(tmp_path, monkeypatch):
     """`--storage` wins over a config file's `storage:`, which wins over DISTALIGN_STORAGE."""
-    import argparse
-
-    from distalign_ray.cli import _load_config
+    from distalign_ray.cli import _load_config, build_parser
 
     monkeypatch.setenv(storage.STORAGE_ENV, str(tmp_path / "env"))
     config = tmp_path / "c.yaml"
     config.write_text(f"storage: {tmp_path / 'from-config'}\nfinetune: {{epochs: 2}}\n")
-    assert _load_config(argparse.Namespace(config=str(config), storage=None), "finetune") == {"epochs": 2}
+    argv = ["finetune", "--dataset", "gender-uk-real", "--output", "o", "--config", str(config)]
+    assert _load_config(build_parser().parse_args(argv), "finetune").epochs == 2
     assert storage.storage_root() == str(tmp_path / "from-config")
-    _load_config(argparse.Namespace(config=str(config), storage=str(tmp_path / "flag")), "finetune")
+    _load_config(build_parser().parse_args(["--storage", str(tmp_path / "flag"), *argv]), "finetune")
     assert storage.storage_root() == str(tmp_path / "flag")

@@ -64,8 +64,13 @@ def test_judge_runs_through_the_engine(ray_cluster, tiny_model_path, mlflow_uri)
     from distalign_ray.estimate import run_estimate
 
     cfg = EstimateConfig(
-        model=tiny_model_path, task="story", story_classifier="judge", judge_model=tiny_model_path,
-        samples_per_context=3, max_contexts=2, max_new_tokens=6,
+        model=tiny_model_path,
+        task="story",
+        story_classifier="judge",
+        judge_model=tiny_model_path,
+        samples_per_context=3,
+        max_contexts=2,
+        max_new_tokens=6,
     )
     result = run_estimate(load_dataset("gender-us-even"), cfg)
     assert result.readout is None and result.report.samples_per_context.tolist() == [3, 3]

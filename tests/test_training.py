@@ -8,11 +8,11 @@ import mlflow
 import pytest
 import torch
 
+from distalign_ray.adapters import read_adapter_meta
 from distalign_ray.config import FinetuneConfig
 from distalign_ray.data.specs import load_dataset
 from distalign_ray.data.steering import prepare_steering_vocab
 from distalign_ray.models import ModelRef, load_model, load_tokenizer
-from distalign_ray.adapters import read_adapter_meta
 from distalign_ray.training.finetune import run_finetune
 from distalign_ray.training.objective import steering_readout
 
@@ -32,7 +32,9 @@ def _readout_mae(model_path: str, adapter: str | None, spec) -> float:
 
 def test_local_mode_hybrid_moves_steering_distribution(tiny_model_path, tmp_path, mlflow_uri):
     spec = load_dataset("gender-us-real").subset(4)
-    cfg = FinetuneConfig(model=tiny_model_path, num_workers=0, epochs=3, sft_epochs=1, prompts_per_batch=2, lr=5e-3, lora={"r": 8, "alpha": 16})
+    cfg = FinetuneConfig(
+        model=tiny_model_path, num_workers=0, epochs=3, sft_epochs=1, prompts_per_batch=2, lr=5e-3, lora={"r": 8, "alpha": 16}
+    )
     before = _readout_mae(tiny_model_path, None, spec)
     result = run_finetune(spec, cfg, tmp_path / "adapter")
     after = _readout_mae(tiny_model_path, str(tmp_path / "adapter"), spec)
@@ -62,7 +64,7 @@ def test_two_ray_train_workers_loss_down_checkpoint_restorable(ray_cluster, tiny
 
     spec = load_dataset("gender-uk-even").subset(4)
     cfg = FinetuneConfig(model=tiny_model_path, num_workers=2, epochs=3, sft_epochs=1, prompts_per_batch=2, lr=5e-3)
-    with start_run("train-test") as run:
+    with start_run("train-test", "test run") as run:
         result = run_finetune(spec, cfg, tmp_path / "adapter", mlflow_run_id=run.info.run_id)
     history = mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "align/loss")
     losses = [m.value for m in sorted(history, key=lambda m: m.step)]

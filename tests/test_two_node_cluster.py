@@ -17,7 +17,6 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-
 from cluster_sim import SimulatedCluster
 
 pytestmark = pytest.mark.cluster
@@ -55,8 +54,17 @@ def _succeeded(status: str, logs: str, sim: SimulatedCluster) -> None:
 @pytest.mark.slow
 def test_a_cluster_without_shared_storage_is_one_clear_error(cluster):
     status, logs = cluster.run_job(
-        ["jobs/estimate.py", "--dataset", "gender-us-real", "--model", str(cluster.shared / "models" / "tiny"),
-         "--samples", "2", "--max-contexts", "1"],
+        [
+            "jobs/estimate.py",
+            "--dataset",
+            "gender-us-real",
+            "--model",
+            str(cluster.shared / "models" / "tiny"),
+            "--samples",
+            "2",
+            "--max-contexts",
+            "1",
+        ],
         env_vars={"DISTALIGN_STORAGE": ""},
     )
     assert status == "FAILED"
@@ -65,12 +73,23 @@ def test_a_cluster_without_shared_storage_is_one_clear_error(cluster):
 
 @pytest.mark.slow
 def test_sweep_of_two_trials(cluster):
-    config = _config(cluster, "sweep", {
-        "name": "two-node-sweep",
-        "num_samples": 2,
-        "finetune": {"model": str(cluster.shared / "models" / "tiny"), "num_workers": 1, "cpus_per_worker": 1,
-                     "epochs": 1, "sft_epochs": 1, "max_contexts": 2, "binding_check": "report"},
-    })
+    config = _config(
+        cluster,
+        "sweep",
+        {
+            "name": "two-node-sweep",
+            "num_samples": 2,
+            "finetune": {
+                "model": str(cluster.shared / "models" / "tiny"),
+                "num_workers": 1,
+                "cpus_per_worker": 1,
+                "epochs": 1,
+                "sft_epochs": 1,
+                "max_contexts": 2,
+                "binding_check": "report",
+            },
+        },
+    )
     status, logs = cluster.run_job(["jobs/sweep.py", "--dataset", "gender-us-real", "--config", config], timeout=600)
     _succeeded(status, logs, cluster)
     runs = _runs(cluster)
@@ -84,11 +103,15 @@ def test_sweep_of_two_trials(cluster):
 def test_quickstart_on_the_embedded_model(cluster):
     """The worker node converts the embedded model in its own cache; the adapter lands in storage and
     the after-estimate's engine (vLLM, merged on the worker node) reads it from there."""
-    config = _config(cluster, "quickstart", {
-        "dataset": "gender-us-real",
-        "finetune": {"num_workers": 2, "epochs": 1, "sft_epochs": 1, "max_contexts": 2, "binding_check": "report"},
-        "estimate": {"samples_per_context": 8, "max_contexts": 2, "max_new_tokens": 6},
-    })
+    config = _config(
+        cluster,
+        "quickstart",
+        {
+            "dataset": "gender-us-real",
+            "finetune": {"num_workers": 2, "epochs": 1, "sft_epochs": 1, "max_contexts": 2, "binding_check": "report"},
+            "estimate": {"samples_per_context": 8, "max_contexts": 2, "max_new_tokens": 6},
+        },
+    )
     status, logs = cluster.run_job(["jobs/quickstart.py", "--config", config])
     _succeeded(status, logs, cluster)
     runs = _runs(cluster)
@@ -116,14 +139,40 @@ def test_finetune_then_estimate_a_head_local_adapter(cluster):
     output = cluster.head / "home" / "adapters" / "steered"
     config = _config(cluster, "plumbing", {"finetune": {"binding_check": "report"}})  # a random tiny model binds nothing
     status, logs = cluster.run_job(
-        ["jobs/finetune.py", "--dataset", "gender-us-real", "--model", tiny, "--output", str(output),
-         "--num-workers", "2", "--epochs", "2", "--max-contexts", "3", "--config", config]
+        [
+            "jobs/finetune.py",
+            "--dataset",
+            "gender-us-real",
+            "--model",
+            tiny,
+            "--output",
+            str(output),
+            "--num-workers",
+            "2",
+            "--epochs",
+            "2",
+            "--max-contexts",
+            "3",
+            "--config",
+            config,
+        ]
     )
     _succeeded(status, logs, cluster)
     assert (output / "adapter_model.safetensors").is_file()
     status, logs = cluster.run_job(
-        ["jobs/estimate.py", "--dataset", "gender-us-real", "--model", tiny, "--adapter", str(output),
-         "--samples", "6", "--max-contexts", "3"]
+        [
+            "jobs/estimate.py",
+            "--dataset",
+            "gender-us-real",
+            "--model",
+            tiny,
+            "--adapter",
+            str(output),
+            "--samples",
+            "6",
+            "--max-contexts",
+            "3",
+        ]
     )
     _succeeded(status, logs, cluster)
     published = list((cluster.storage / "adapters").glob("steered-*"))
@@ -141,10 +190,21 @@ def test_finetune_then_estimate_a_head_local_adapter(cluster):
 def test_finetune_survives_losing_its_worker_node(cluster):
     """The worker node is killed after the first checkpoint; a fresh node (its own empty cache) joins
     and the fine-tune resumes from the checkpoint in shared storage, every epoch done once."""
-    config = _config(cluster, "node-loss", {
-        "finetune": {"model": str(cluster.shared / "models" / "tiny"), "num_workers": 2, "epochs": 3, "sft_epochs": 1,
-                     "prompts_per_batch": 2, "max_failures": 2, "binding_check": "report"},
-    })
+    config = _config(
+        cluster,
+        "node-loss",
+        {
+            "finetune": {
+                "model": str(cluster.shared / "models" / "tiny"),
+                "num_workers": 2,
+                "epochs": 3,
+                "sft_epochs": 1,
+                "prompts_per_batch": 2,
+                "max_failures": 2,
+                "binding_check": "report",
+            },
+        },
+    )
     output = cluster.storage / "adapters" / "survivor"
     job = cluster.submit(["jobs/finetune.py", "--dataset", "gender-uk-even", "--config", config, "--output", str(output)])
     checkpoints = cluster.storage / "ray_results"

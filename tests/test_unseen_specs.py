@@ -15,12 +15,12 @@ import math
 import os
 
 import pytest
+from unseen_specs import SHAPES, write_spec
 
 from distalign_ray.config import EstimateConfig, FinetuneConfig
 from distalign_ray.data.specs import load_spec
 from distalign_ray.estimate import run_estimate
 from distalign_ray.training.finetune import run_finetune
-from unseen_specs import SHAPES, write_spec
 
 SAMPLES_PER_ESTIMATE = 400
 MAX_UNMATCHED = 0.10
@@ -39,13 +39,21 @@ def test_unseen_spec_with_default_settings(shape, ray_cluster, mlflow_uri, tmp_p
 
     binding, budget = trained["binding"], trained["budget"]
     row = {
-        "spec": shape.name, "classes": shape.classes, "contexts": shape.contexts,
-        "answers": "multi-token" if shape.multi_token else "one-word", "targets": "skewed" if shape.skewed else "uniform",
-        "sft_steps": budget.sft_steps, "steps": budget.steps, "train_s": round(trained["seconds"]),
-        "binding_min": round(min(binding.accuracy), 3), "eos_rate": round(binding.eos_rate, 3),
-        "before_mae": round(before.report.mae, 3), "after_mae": round(after.report.mae, 3),
+        "spec": shape.name,
+        "classes": shape.classes,
+        "contexts": shape.contexts,
+        "answers": "multi-token" if shape.multi_token else "one-word",
+        "targets": "skewed" if shape.skewed else "uniform",
+        "sft_steps": budget.sft_steps,
+        "steps": budget.steps,
+        "train_s": round(trained["seconds"]),
+        "binding_min": round(min(binding.accuracy), 3),
+        "eos_rate": round(binding.eos_rate, 3),
+        "before_mae": round(before.report.mae, 3),
+        "after_mae": round(after.report.mae, 3),
         "after_mae_ci": [round(after.report.mae_ci_low, 3), round(after.report.mae_ci_high, 3)],
-        "before_unmatched": round(before.report.unmatched_rate, 3), "after_unmatched": round(after.report.unmatched_rate, 3),
+        "before_unmatched": round(before.report.unmatched_rate, 3),
+        "after_unmatched": round(after.report.unmatched_rate, 3),
         "readout_mae": round(trained["metrics"]["val_mae"], 3),
     }
     print("MATRIX " + json.dumps(row))

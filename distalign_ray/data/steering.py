@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from distalign_ray.data.prompts import PromptRow, build_prompts, chat_prompt_ids
+from distalign_ray.data.prompts import build_prompts, chat_prompt_ids
 from distalign_ray.data.specs import DistributionSpec
 from distalign_ray.errors import DistalignError
 
@@ -33,9 +33,7 @@ def steering_strings(num_classes: int, kind: str = "auto") -> tuple[list[str], b
     """`kind`: 'digits', 'special' or 'auto' (digits up to 10 classes, special tokens beyond)."""
     if kind == "digits" or (kind == "auto" and num_classes <= MAX_DIGIT_CLASSES):
         if num_classes > MAX_DIGIT_CLASSES:
-            raise DistalignError(
-                f"{num_classes} classes but only {MAX_DIGIT_CLASSES} digit steering tokens; use steering_tokens=special"
-            )
+            raise DistalignError(f"{num_classes} classes but only {MAX_DIGIT_CLASSES} digit steering tokens; use steering_tokens=special")
         return [str(k) for k in range(num_classes)], False
     if kind in ("special", "auto"):
         return [SPECIAL_STEERING_FORMAT.format(k) for k in range(num_classes)], True
@@ -53,9 +51,7 @@ def prepare_steering_vocab(tokenizer, spec: DistributionSpec, kind: str = "auto"
     prompt_ids = chat_prompt_ids(tokenizer, probe)
     for string, category in zip(strings, spec.categories):
         answer = spec.answers[category]
-        full = tokenizer(
-            tokenizer.decode(prompt_ids) + string + answer, add_special_tokens=False
-        )["input_ids"]
+        full = tokenizer(tokenizer.decode(prompt_ids) + string + answer, add_special_tokens=False)["input_ids"]
         alone = tokenizer(string, add_special_tokens=False)["input_ids"]
         in_context = full[len(prompt_ids) : len(prompt_ids) + 1]
         if full[: len(prompt_ids)] != prompt_ids or len(alone) != 1 or in_context != alone:

@@ -76,8 +76,12 @@ def greedy_answers(model, tokenizer, prompts: list[list[int]], steering_ids: lis
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
         generated = model.generate(
-            input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-            pad_token_id=pad, eos_token_id=eos,
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad,
+            eos_token_id=eos,
         )[:, width:].tolist()
         for p in range(len(chunk)):
             answers = []
@@ -89,13 +93,17 @@ def greedy_answers(model, tokenizer, prompts: list[list[int]], steering_ids: lis
 
 
 @torch.no_grad()
-def exact_answer_probs(model, pad_id: int, prompts: list[list[int]], steering_ids: list[int], answers: list[list[int]], batch_prompts: int = 16):
+def exact_answer_probs(
+    model, pad_id: int, prompts: list[list[int]], steering_ids: list[int], answers: list[list[int]], batch_prompts: int = 16
+):
     """[prompts, K]: P(answers[j] | prompt, id j), teacher-forced (the id itself is given, not scored)."""
     k = len(steering_ids)
     rows = []
     for start in range(0, len(prompts), batch_prompts):
         chunk = prompts[start : start + batch_prompts]
-        scores = score_completions(model, [p for p in chunk for _ in range(k)], [[steering_ids[j], *answers[j]] for _ in chunk for j in range(k)], pad_id)
+        scores = score_completions(
+            model, [p for p in chunk for _ in range(k)], [[steering_ids[j], *answers[j]] for _ in chunk for j in range(k)], pad_id
+        )
         logps = (scores.token_logps.float() * scores.completion_mask)[:, 1:].sum(-1)
         rows.append(logps.exp().view(len(chunk), k))
     return torch.cat(rows) if rows else torch.zeros(0, k)
@@ -123,7 +131,9 @@ def binding_check(model, tokenizer, spec: DistributionSpec, steering_ids: list[i
     return BindingReport(list(spec.categories), correct, exact, len(prompts), answer_prob, examples)
 
 
-def failure_message(report: BindingReport, threshold: float = BINDING_THRESHOLD, answer_threshold: float = ANSWER_PROBABILITY_THRESHOLD) -> str:
+def failure_message(
+    report: BindingReport, threshold: float = BINDING_THRESHOLD, answer_threshold: float = ANSWER_PROBABILITY_THRESHOLD
+) -> str:
     """One line: which ids are not bound, what they say instead, and what to change."""
     weak = [
         f"id {k} ({c}) gives '{c}' greedily in {a:.0%} of prompts (e.g. {report.examples.get(c, [''])[:2]}) "
@@ -132,7 +142,8 @@ def failure_message(report: BindingReport, threshold: float = BINDING_THRESHOLD,
         if a < threshold or p < answer_threshold
     ]
     return (
-        f"binding check failed (thresholds: greedy {threshold:.0%}, sampled {answer_threshold:.0%}): " + "; ".join(weak)
+        f"binding check failed (thresholds: greedy {threshold:.0%}, sampled {answer_threshold:.0%}): "
+        + "; ".join(weak)
         + f"; answers end where trained in {report.eos_rate:.0%}. The adapter's samples will not follow the "
         "target: train longer (finetune.min_sft_steps, finetune.min_steps), use a smaller finetune.prompts_per_batch, "
         "or give shorter answers in the spec's `answers`"
@@ -142,5 +153,7 @@ def failure_message(report: BindingReport, threshold: float = BINDING_THRESHOLD,
 def summary_line(report: BindingReport) -> str:
     """What a run prints after training."""
     per_class = ", ".join(f"{c} {a:.0%}/{p:.0%}" for c, a, p in zip(report.categories, report.accuracy, report.answer_probability))
-    return (f"binding check on {report.prompts} prompts (greedy/sampled answer of each id's class): {per_class}; "
-            f"greedy answers end as trained {report.eos_rate:.0%}")
+    return (
+        f"binding check on {report.prompts} prompts (greedy/sampled answer of each id's class): {per_class}; "
+        f"greedy answers end as trained {report.eos_rate:.0%}"
+    )

@@ -97,9 +97,7 @@ def noise_floor(targets: np.ndarray, sizes: np.ndarray, resamples: int, rng: np.
     return float((totals / len(sizes)).mean())
 
 
-def distribution_report(
-    labels: list[np.ndarray], targets: np.ndarray, resamples: int = 1000, seed: int = 0
-) -> DistributionReport:
+def distribution_report(labels: list[np.ndarray], targets: np.ndarray, resamples: int = 1000, seed: int = 0) -> DistributionReport:
     """`labels[o]`: class index per sample of context o (-1 = unmatched)."""
     k = targets.shape[1]
     estimates = np.stack([proportions(l, k) for l in labels])

@@ -12,10 +12,51 @@ import re
 from distalign_ray.evaluation.classify import LexicalClassifier
 
 GENDER_WORDS = {
-    "male": ["he", "him", "his", "himself", "man", "men", "boy", "boys", "father", "husband", "son", "brother",
-             "mr", "sir", "gentleman", "king", "male", "grandfather", "uncle", "nephew"],
-    "female": ["she", "her", "hers", "herself", "woman", "women", "girl", "girls", "mother", "wife", "daughter",
-               "sister", "mrs", "ms", "miss", "lady", "queen", "female", "grandmother", "aunt", "niece"],
+    "male": [
+        "he",
+        "him",
+        "his",
+        "himself",
+        "man",
+        "men",
+        "boy",
+        "boys",
+        "father",
+        "husband",
+        "son",
+        "brother",
+        "mr",
+        "sir",
+        "gentleman",
+        "king",
+        "male",
+        "grandfather",
+        "uncle",
+        "nephew",
+    ],
+    "female": [
+        "she",
+        "her",
+        "hers",
+        "herself",
+        "woman",
+        "women",
+        "girl",
+        "girls",
+        "mother",
+        "wife",
+        "daughter",
+        "sister",
+        "mrs",
+        "ms",
+        "miss",
+        "lady",
+        "queen",
+        "female",
+        "grandmother",
+        "aunt",
+        "niece",
+    ],
 }
 
 JUDGE_TEMPLATE = (
@@ -38,9 +79,7 @@ class GenderLexicon:
         if sorted(categories) != ["female", "male"]:
             raise ValueError("the lexical story classifier handles the categories male/female only")
         self.categories = categories
-        self._patterns = [
-            re.compile(r"\b(?:" + "|".join(GENDER_WORDS[c]) + r")\b", re.IGNORECASE) for c in categories
-        ]
+        self._patterns = [re.compile(r"\b(?:" + "|".join(GENDER_WORDS[c]) + r")\b", re.IGNORECASE) for c in categories]
 
     def __call__(self, text: str) -> int | None:
         counts = [len(p.findall(text)) for p in self._patterns]

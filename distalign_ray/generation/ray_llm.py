@@ -92,7 +92,9 @@ def _processor(model_source: str, adapter: str | None, seed: int, num_actors: in
         return {"key": row["key"], "text": row["generated_text"], "first_logprobs": first}
 
     light = {"num_cpus": 0}  # row reshaping must not wait for the cores the engine holds
-    return build_processor(config, preprocess=preprocess, postprocess=postprocess, preprocess_map_kwargs=light, postprocess_map_kwargs=light)
+    return build_processor(
+        config, preprocess=preprocess, postprocess=postprocess, preprocess_map_kwargs=light, postprocess_map_kwargs=light
+    )
 
 
 def run_requests_ray_llm(

@@ -175,7 +175,13 @@ def sampling_params(sampling: SamplingSettings, n: int = 1, seed: int | None = N
     seeded = {} if seed is None else {"seed": int(seed)}
     if sampling.temperature == 0:
         return {"n": n, "temperature": 0.0, "max_tokens": sampling.max_new_tokens} | seeded
-    return {"n": n, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0, "max_tokens": sampling.max_new_tokens} | seeded
+    return {
+        "n": n,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "top_k": 0,
+        "max_tokens": sampling.max_new_tokens,
+    } | seeded
 
 
 # The LoRA ranks vLLM accepts for `max_lora_rank` (vllm/config/lora.py: MaxLoRARanks).
@@ -190,7 +196,9 @@ def vllm_lora_rank(rank: int) -> int:
     raise DistalignError(f"LoRA rank {rank} exceeds the largest rank vLLM serves ({VLLM_LORA_RANKS[-1]}); serve it merged")
 
 
-def engine_kwargs(model_path: str, adapter: str | None, seed: int, on_gpu: bool, max_model_len: int = 4096, tensor_parallel: int = 1) -> dict:
+def engine_kwargs(
+    model_path: str, adapter: str | None, seed: int, on_gpu: bool, max_model_len: int = 4096, tensor_parallel: int = 1
+) -> dict:
     """`vllm.LLM` arguments shared by the actor engine and the Ray Data LLM processor."""
     return {
         "tensor_parallel_size": max(1, tensor_parallel),
@@ -260,10 +268,7 @@ class VLLMEngine(GenerationEngine):
         outputs = self._run(flat_prefixes, [forced_token_params(t) for t in flat_tokens]) if flat_tokens else []
         logprobs = np.array([out.outputs[0].logprobs[0][t].logprob for out, t in zip(outputs, flat_tokens)])
         bounds = np.cumsum([0] + [len(tokens) for _, tokens in queries])
-        return [
-            readout_from_logprobs(logprobs[a:b], self.steering, r.with_readout)
-            for a, b, r in zip(bounds[:-1], bounds[1:], requests)
-        ]
+        return [readout_from_logprobs(logprobs[a:b], self.steering, r.with_readout) for a, b, r in zip(bounds[:-1], bounds[1:], requests)]
 
     def generate(self, request: Request) -> GenerationResult:
         return self.generate_many([request])[0]

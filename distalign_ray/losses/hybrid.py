@@ -20,9 +20,7 @@ class HybridLossWeights:
     kto_weight: float = 1.0
 
 
-def combine_losses(
-    mode: str, weights: HybridLossWeights, kl: torch.Tensor | None, kto: torch.Tensor | None
-) -> torch.Tensor:
+def combine_losses(mode: str, weights: HybridLossWeights, kl: torch.Tensor | None, kto: torch.Tensor | None) -> torch.Tensor:
     if mode not in LOSS_MODES:
         raise ValueError(f"unknown loss mode {mode!r}; choose from {sorted(LOSS_MODES)}")
     use_kl, use_kto = LOSS_MODES[mode]

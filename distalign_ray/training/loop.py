@@ -14,8 +14,8 @@ import os
 import random
 import shutil
 import tempfile
-from dataclasses import asdict
 from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -26,8 +26,8 @@ from distalign_ray.data.specs import DistributionSpec
 from distalign_ray.data.steering import answer_ids, prepare_steering_vocab
 from distalign_ray.evaluation.binding import BindingReport, binding_check
 from distalign_ray.models import load_model, load_tokenizer, model_on_this_node
-from distalign_ray.tracking.mlflow_store import StepLogger
 from distalign_ray.scoring import CompletionScorer
+from distalign_ray.tracking.mlflow_store import StepLogger
 from distalign_ray.training.budget import plan_budget
 from distalign_ray.training.stages import build_stages, readout_probs, uses_steering, validation_set
 

@@ -49,17 +49,13 @@ def mismatched_answers(examples: list[TrainingExample], group_size: int) -> list
 
 
 def sft_step_loss(scorer, examples: list[TrainingExample], steering_token_ids: list[int], cfg) -> dict:
-    _, token_logps, completion_mask = scorer(
-        [e.prompt_ids for e in examples], [_completion(e, steering_token_ids) for e in examples]
-    )
+    _, token_logps, completion_mask = scorer([e.prompt_ids for e in examples], [_completion(e, steering_token_ids) for e in examples])
     mask = _scored_mask(completion_mask, examples[0].steering_index is not None, cfg.score_steering_token)
     loss = sft_loss(token_logps, mask)
     return {"loss": loss, "sft": loss.detach()}
 
 
-def hybrid_step_loss(
-    scorer, examples: list[TrainingExample], steering_token_ids: list[int], cfg, group_size: int, z0_reduce=None
-) -> dict:
+def hybrid_step_loss(scorer, examples: list[TrainingExample], steering_token_ids: list[int], cfg, group_size: int, z0_reduce=None) -> dict:
     """Loss of `cfg.loss_mode` on one batch of per-prompt groups; the total and detached components."""
     use_kl, use_kto = LOSS_MODES[cfg.loss_mode]
     has_steering = examples[0].steering_index is not None

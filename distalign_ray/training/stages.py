@@ -13,18 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
-from distalign_ray.config import FinetuneConfig
+from distalign_ray.config import TRAINING_MODES, FinetuneConfig
 from distalign_ray.data.baselines import build_dpo_pairs, build_ift_examples
 from distalign_ray.data.prompts import build_prompts, chat_prompt_ids
 from distalign_ray.data.specs import DistributionSpec
 from distalign_ray.data.steering import build_steering_examples
 from distalign_ray.losses.hybrid import LOSS_MODES
-from distalign_ray.scoring import score_completions
 from distalign_ray.training.budget import TrainingBudget
 from distalign_ray.training.objective import dpo_step_loss, hybrid_step_loss, sft_step_loss
-
-BASELINE_MODES = ("ift", "dpo")
-TRAINING_MODES = tuple(LOSS_MODES) + BASELINE_MODES
 
 
 def uses_steering(cfg: FinetuneConfig) -> bool:
@@ -64,15 +60,27 @@ def _fill_reference_logps(scorer, pairs) -> None:
             pair.reference_chosen, pair.reference_rejected = sums[i], sums[len(chunk) + i]
 
 
-def build_stages(cfg: FinetuneConfig, spec: DistributionSpec, tokenizer, vocab, scorer, budget: TrainingBudget, z0_reduce=None) -> list[Stage]:
+def build_stages(
+    cfg: FinetuneConfig, spec: DistributionSpec, tokenizer, vocab, scorer, budget: TrainingBudget, z0_reduce=None
+) -> list[Stage]:
     if uses_steering(cfg):
         examples = build_steering_examples(spec, tokenizer, vocab, cfg.templates)
         ids, group_size = vocab.token_ids, vocab.num_classes**2
         return [
-            Stage("sft", budget.sft_epochs, cfg.sft_lr, group_by_prompt([e for e in examples if e.desirable]),
-                  lambda s, batch: sft_step_loss(s, batch, ids, cfg)),
-            Stage("align", budget.epochs, cfg.lr, group_by_prompt(examples),
-                  lambda s, batch: hybrid_step_loss(s, batch, ids, cfg, group_size, z0_reduce=z0_reduce)),
+            Stage(
+                "sft",
+                budget.sft_epochs,
+                cfg.sft_lr,
+                group_by_prompt([e for e in examples if e.desirable]),
+                lambda s, batch: sft_step_loss(s, batch, ids, cfg),
+            ),
+            Stage(
+                "align",
+                budget.epochs,
+                cfg.lr,
+                group_by_prompt(examples),
+                lambda s, batch: hybrid_step_loss(s, batch, ids, cfg, group_size, z0_reduce=z0_reduce),
+            ),
         ]
     if cfg.loss_mode == "ift":
         examples = build_ift_examples(spec, tokenizer, cfg.answers_per_prompt, cfg.templates)

@@ -29,17 +29,22 @@ SEARCHED = ("kl_weight", "kto_weight", "lr", "beta")
 class SweepConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field("sweep", pattern=r"^[A-Za-z0-9_\-]+$")
-    num_samples: int = Field(4, gt=0, description="trials")
-    search: Literal["random", "optuna"] = "random"
-    scheduler: Literal["asha", "fifo"] = "asha"
-    kl_weight: tuple[float, float] = (0.1, 10.0)
-    kto_weight: tuple[float, float] = (0.1, 10.0)
-    lr: tuple[float, float] = (5e-4, 5e-3)
-    beta: tuple[float, float] = (0.05, 0.5)
-    train_templates: list[str] = Field(default_factory=lambda: ["attribute_0"])
-    validation_templates: list[str] = Field(default_factory=lambda: ["attribute_1"], description="held out")
-    finetune: FinetuneConfig = Field(default_factory=lambda: FinetuneConfig(num_workers=1, cpus_per_worker=0.5))
+    name: str = Field("sweep", pattern=r"^[A-Za-z0-9_\-]+$", description="sweep name: MLflow tag `sweep` and output folder")
+    num_samples: int = Field(4, gt=0, description="number of trials")
+    search: Literal["random", "optuna"] = Field("random", description="search algorithm: random, or Optuna's TPE (needs optuna)")
+    scheduler: Literal["asha", "fifo"] = Field("asha", description="trial scheduler: ASHA stops bad trials early on val_mae; fifo runs all")
+    kl_weight: tuple[float, float] = Field((0.1, 10.0), description="kl_weight range, sampled log-uniformly")
+    kto_weight: tuple[float, float] = Field((0.1, 10.0), description="kto_weight range, sampled log-uniformly")
+    lr: tuple[float, float] = Field((5e-4, 5e-3), description="stage-2 learning-rate range, sampled log-uniformly")
+    beta: tuple[float, float] = Field((0.05, 0.5), description="KTO beta range, sampled log-uniformly")
+    train_templates: list[str] = Field(default_factory=lambda: ["attribute_0"], description="attribute templates the trials train on")
+    validation_templates: list[str] = Field(
+        default_factory=lambda: ["attribute_1"], description="held-out templates of the trials' val_mae (what the search minimises)"
+    )
+    finetune: FinetuneConfig = Field(
+        default_factory=lambda: FinetuneConfig(num_workers=1, cpus_per_worker=0.5),
+        description="fine-tuning settings of every trial (searched fields are replaced)",
+    )
     driver_memory_mb: int = Field(
         256, gt=0, description="memory each trial's driver function reserves (it reserves no CPU, so it never starves its workers)"
     )
@@ -47,7 +52,7 @@ class SweepConfig(BaseModel):
         None, gt=0, description="cap on trials running at once; default: as many as the cluster can place workers for"
     )
     output: str | None = Field(None, description="best-config YAML (default <home>/sweeps/<name>/best.yaml)")
-    seed: int = 0
+    seed: int = Field(0, description="seeds the search (trial configs) and the trials' fine-tuning")
 
 
 def _trial(config: dict, spec: dict, model_ref: dict, storage_path: str) -> None:
@@ -76,10 +81,12 @@ def run_sweep(spec, cfg: SweepConfig) -> dict:
     from ray import tune
     from ray.air.integrations.mlflow import MLflowLoggerCallback
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator
 
     from distalign_ray.cluster import init_ray
     from distalign_ray.models import resolve_model
     from distalign_ray.tracking.mlflow_store import check_tracking, log_params, start_run, tracking_uri
+    from distalign_ray.training.budget import plan_budget
     from distalign_ray.training.finetune import validate_finetune
     from distalign_ray.training.launcher import train_storage
 
@@ -89,17 +96,21 @@ def run_sweep(spec, cfg: SweepConfig) -> dict:
     validate_finetune(spec, base, home_dir() / "sweeps" / cfg.name / "unused-adapter")
     init_ray()
     space = {k: tune.loguniform(*getattr(cfg, k)) for k in SEARCHED}
-    search_alg = None
     if cfg.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
         search_alg = OptunaSearch(seed=cfg.seed)
-    max_t = base.sft_epochs + base.epochs
+    else:
+        search_alg = BasicVariantGenerator(random_state=cfg.seed)
+    budget = plan_budget(base, spec)  # a trial reports once per epoch of either stage
+    max_t = budget.sft_epochs + budget.epochs
     scheduler = (
-        ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=min(max_t, base.sft_epochs + 1), reduction_factor=2)
-        if cfg.scheduler == "asha" else FIFOScheduler()
+        ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=min(max_t, budget.sft_epochs + 1), reduction_factor=2)
+        if cfg.scheduler == "asha"
+        else FIFOScheduler()
     )
-    with start_run(f"sweep-{cfg.name}", tags={"job": "sweep", "sweep": cfg.name, "dataset": spec.name}) as parent:
+    description = f"Sweep '{cfg.name}' on {spec.name}: {cfg.num_samples} trials of {', '.join(SEARCHED)}; a child run per trial (val_mae)"
+    with start_run(f"sweep-{cfg.name}", description, tags={"job": "sweep", "sweep": cfg.name, "dataset": spec.name}) as parent:
         log_params(cfg.model_dump(exclude={"finetune"}) | {"finetune": base.model_dump()})
         tuner = tune.Tuner(
             tune.with_resources(
@@ -110,7 +121,11 @@ def run_sweep(spec, cfg: SweepConfig) -> dict:
             ),
             param_space={**space, "finetune": base.model_dump()},
             tune_config=tune.TuneConfig(
-                metric="val_mae", mode="min", num_samples=cfg.num_samples, scheduler=scheduler, search_alg=search_alg,
+                metric="val_mae",
+                mode="min",
+                num_samples=cfg.num_samples,
+                scheduler=scheduler,
+                search_alg=search_alg,
                 max_concurrent_trials=cfg.max_concurrent_trials,
             ),
             run_config=tune.RunConfig(
@@ -118,7 +133,8 @@ def run_sweep(spec, cfg: SweepConfig) -> dict:
                 storage_path=train_storage("sweeps", cfg.name, "tune"),
                 callbacks=[
                     MLflowLoggerCallback(
-                        tracking_uri=tracking_uri(), experiment_name="distalign",
+                        tracking_uri=tracking_uri(),
+                        experiment_name="distalign",
                         tags={"mlflow.parentRunId": parent.info.run_id, "kind": "trial", "sweep": cfg.name, "dataset": spec.name},
                     )
                 ],
