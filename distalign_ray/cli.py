@@ -285,8 +285,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet = hasattr(args, "verbose") and not args.verbose  # the commands that run Ray
     with captured_output(home_dir() / "logs", args.command, enabled=quiet) as log:
-        if log is not None:
-            terminal().print(f"log: {log.final}", highlight=False)
         try:
             return COMMANDS[args.command](args)
         except DistalignError as exc:

@@ -22,11 +22,18 @@ from rich.console import Console
 _terminal: Console | None = None
 _error_stream = None
 _log_file: Path | None = None
+_unannounced_log: Path | None = None  # said before the command's first line (bad input prints none)
 
 
 def terminal() -> Console:
     """The console for a command's own output (stage lines, summaries, tables)."""
-    return _terminal or Console(soft_wrap=True)
+    global _unannounced_log
+    if _terminal is None:
+        return Console(soft_wrap=True)
+    if _unannounced_log is not None:
+        _terminal.print(f"log: {_unannounced_log}", highlight=False)
+        _unannounced_log = None
+    return _terminal
 
 
 def error_stream():
@@ -67,7 +74,7 @@ def _ray_initialized() -> bool:
 def captured_output(folder: Path, name: str, enabled: bool = True):
     """Send the process's stdout/stderr to `<folder>/<name>-<time>-<pid>.log` while the block runs.
     Yields the CapturedOutput (None when not `enabled`: --verbose)."""
-    global _terminal, _error_stream, _log_file
+    global _terminal, _error_stream, _log_file, _unannounced_log
     if not enabled:
         yield None
         return
@@ -82,6 +89,7 @@ def captured_output(folder: Path, name: str, enabled: bool = True):
     err = os.fdopen(os.dup(saved[1]), "w", buffering=1, encoding="utf-8", errors="replace")
     width = None if out.isatty() else 120  # a log or CI console: wide enough for the tables' rows
     _terminal, _error_stream, _log_file = Console(file=out, soft_wrap=True, width=width), err, captured.path
+    _unannounced_log = captured.final
     ray_was_running = _ray_initialized()
     try:
         yield captured
@@ -98,5 +106,5 @@ def captured_output(folder: Path, name: str, enabled: bool = True):
             os.close(fd)
         out.close()
         err.close()
-        _terminal, _error_stream, _log_file = None, None, None
+        _terminal, _error_stream, _log_file, _unannounced_log = None, None, None, None
         captured.close()

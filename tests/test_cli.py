@@ -161,3 +161,4 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("distalign: error: ") and message in lines[0], proc.stderr[-3000:]
     assert _tree(tmp_path) == before, "written: " + ", ".join(sorted(_tree(tmp_path) - before))
+    assert proc.stdout == ""  # not even the log file's path: no log file is kept
