@@ -73,6 +73,6 @@ def test_compare_epochs_flag_keeps_the_automatic_sft_budget():
 def test_set_storage_selects_shared_storage(tmp_path, monkeypatch):
     from distalign_ray.storage import STORAGE_ENV
 
-    monkeypatch.delenv(STORAGE_ENV, raising=False)
+    monkeypatch.setenv(STORAGE_ENV, str(tmp_path / "from-env"))  # recorded, so the test's choice is undone after it
     _cli_config(["estimate", "--dataset", "gender-uk-real", "--set", f"storage={tmp_path / 'shared'}"])
     assert os.environ[STORAGE_ENV] == str(tmp_path / "shared")
