@@ -2,7 +2,7 @@
 
 Each trial builds and fits a `TorchTrainer` (the same launcher as `finetune`); its per-epoch
 `val_mae` (the steering readout on held-out templates, already reduced over workers) reaches Tune
-through `TuneReportCallback`, so ASHA can stop bad trials early. MLflow gets a parent run and one
+as it happens, so ASHA can stop bad trials early. MLflow gets a parent run and one
 child run per trial; the best config is written as a `finetune:` YAML that `distalign finetune
 --config` and `compare --config` accept.
 
@@ -57,18 +57,44 @@ class SweepConfig(BaseModel):
 
 def _trial(config: dict, spec: dict, model_ref: dict, storage_path: str) -> None:
     """One trial: a full Ray Train fit whose epoch reports flow to Tune. `config` holds only what
-    MLflow should show as the trial's params: the sampled values and the base finetune config."""
+    MLflow should show as the trial's params: the sampled values and the base finetune config.
+
+    Ray's `TuneReportCallback` is not used: its reports enter Tune from Tune's own result loop, which
+    deadlocks when a fit's last report arrives while the trial function returns (a Ray 2.60 race that
+    hung a sweep for good). Here the fit runs in a thread, its reports come through a queue, and this
+    function hands them to `tune.report` one by one, the ordinary synchronous path."""
+    import threading
+
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
+    from ray.util.queue import Empty, Queue
 
     from distalign_ray.training.launcher import build_trainer
+    from distalign_ray.tuning.reports import QueueReports
 
     finetune = FinetuneConfig.model_validate(config["finetune"] | {k: config[k] for k in SEARCHED})
     loop_config = {"finetune": finetune.model_dump(), "spec": spec, "model_ref": model_ref}
     name = f"trial-{tune.get_context().get_trial_id()}"
-    result = build_trainer(finetune, loop_config, name, storage_path, callbacks=[TuneReportCallback()]).fit()
-    if result.error is not None:
-        raise result.error
+    reports = Queue(actor_options={"num_cpus": 0})
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = build_trainer(finetune, loop_config, name, storage_path, callbacks=[QueueReports(reports)]).fit()
+        except BaseException as error:  # re-raised in the trial function below
+            outcome["error"] = error
+
+    fitting = threading.Thread(target=fit, name="train-fit", daemon=True)
+    fitting.start()
+    # Every report is queued before fit() returns (the callback's put is synchronous), so once the
+    # thread has ended, an empty queue means all reports reached Tune.
+    while fitting.is_alive() or not reports.empty():
+        try:
+            tune.report(reports.get(timeout=1))
+        except Empty:
+            pass
+    error = outcome.get("error") or outcome["result"].error
+    if error is not None:
+        raise error
 
 
 def trial_resources(cfg: SweepConfig) -> dict:

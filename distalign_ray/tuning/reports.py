@@ -1,0 +1,16 @@
+"""The Train callback that carries a trial's epoch reports to its Tune function (see `sweep._trial`)."""
+
+from __future__ import annotations
+
+from ray.train import UserCallback
+from ray.util.queue import Queue
+
+
+class QueueReports(UserCallback):
+    """Puts each Train report's metrics (rank 0's, already reduced over workers) on a Ray queue."""
+
+    def __init__(self, queue: Queue):
+        self.queue = queue
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        self.queue.put(dict(metrics[0]))
