@@ -7,9 +7,9 @@ import os
 import sys
 
 from distalign_ray.cli_config import COMMANDS as CONFIG_COMMANDS
-from distalign_ray.config import TRAINING_MODES
 from distalign_ray.console import captured_output, error_stream, terminal
 from distalign_ray.errors import CheckFailed, DistalignError
+from distalign_ray.methods import METHODS, trained_method_names
 from distalign_ray.paths import home_dir
 from distalign_ray.storage import STORAGE_ENV, use_storage
 
@@ -97,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
         ft,
         "--loss-mode",
         "finetune.loss_mode",
-        choices=list(TRAINING_MODES),
-        help="steering methods (hybrid, kl_only, kto_only) or baselines (ift, dpo)",
+        choices=trained_method_names(),
+        help="the trained method: " + ", ".join(trained_method_names()),
     )
     _shortcut(ft, "--init-adapter", "finetune.init_adapter", help="start from a saved adapter (e.g. DPO from IFT)")
     _shortcut(ft, "--epochs", "finetune.epochs", type=int, help="stage-2 epochs")
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp = sub.add_parser("compare", help="methods x datasets x tasks into one MLflow parent run (resumable)")
     _shortcut(cmp, "--name", "name", help="comparison name; rerunning the same name resumes and skips finished cells")
     _shortcut(cmp, "--datasets", "datasets", nargs="+", help="dataset names (default: gender-uk-real gender-us-real)")
-    _shortcut(cmp, "--methods", "methods", nargs="+", help="zero-shot prompt-engineering ift dpo hybrid kl_only kto_only (default: all)")
+    _shortcut(cmp, "--methods", "methods", nargs="+", choices=list(METHODS), help="default: all (" + " ".join(METHODS) + ")")
     _shortcut(cmp, "--tasks", "tasks", nargs="+", choices=["attribute", "story"], help="default: attribute")
     _shortcut(cmp, "--samples", "estimate.samples_per_context", type=int, help="samples per context (budget)")
     _shortcut(cmp, "--epochs", "finetune.epochs", type=int, help="stage-2 (or baseline) epochs of every method (budget)")

@@ -96,7 +96,7 @@ def _train(method: Method, dataset: str, cfg: CompareConfig, adapters: str, spec
     output = storage.join(adapters, dataset, method.name)
     if storage.is_complete_folder(output) and storage.exists(storage.join(output, "adapter_config.json")):
         return output
-    update = {"loss_mode": method.loss_mode}
+    update = {"loss_mode": method.name}
     if method.init_from:
         update["init_adapter"] = storage.join(adapters, dataset, method.init_from)
     ft = cfg.finetune.model_copy(update=update)
@@ -165,7 +165,7 @@ def run_compare(cfg: CompareConfig, console=None, report: str | Path | None = No
             done = finished_cells(parent.info.run_id)
             for dataset, spec in specs.items():
                 for method in methods:
-                    adapter = _train(method, dataset, cfg, adapters, spec) if method.loss_mode else None
+                    adapter = _train(method, dataset, cfg, adapters, spec) if method.trained else None
                     for task in cfg.tasks:
                         key = cell_key(dataset, method.name, task)
                         if key in done:

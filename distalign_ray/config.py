@@ -9,10 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from distalign_ray.losses.hybrid import LOSS_MODES
-
-BASELINE_MODES = ("ift", "dpo")
-TRAINING_MODES = (*LOSS_MODES, *BASELINE_MODES)  # steering loss modes, then the baselines
+from distalign_ray.methods import trained_method, trained_method_names
 
 
 class _Config(BaseModel):
@@ -32,7 +29,7 @@ class FinetuneConfig(_Config):
     """Stage 1 (SFT on desirable answers) then stage 2 (steering KL + KTO)."""
 
     model: str = Field("smollm2-135m", description="alias, local HF folder, or hub id")
-    loss_mode: str = Field("hybrid", description="hybrid, kl_only, kto_only (steering) or the baselines ift, dpo")
+    loss_mode: str = Field("hybrid", description="the trained method (methods.py registry): " + ", ".join(trained_method_names()))
     init_adapter: str | None = Field(None, description="start from this saved adapter (DPO starts from IFT's)")
     answers_per_prompt: int = Field(10, gt=0, description="IFT answers / DPO pairs per prompt, in target proportions")
     kl_weight: float = Field(1.0, ge=0, description="weight of the steering KL term")
@@ -107,8 +104,7 @@ class FinetuneConfig(_Config):
     def _check_mode(self) -> FinetuneConfig:
         if self.use_gpu and self.num_workers == 0:
             raise ValueError("use_gpu needs Ray Train workers (num_workers >= 1)")
-        if self.loss_mode not in TRAINING_MODES:
-            raise ValueError(f"loss_mode must be one of {', '.join(TRAINING_MODES)}")
+        trained_method(self.loss_mode)
         return self
 
 
@@ -157,6 +153,12 @@ class EstimateConfig(_Config):
 
     def new_tokens(self) -> int:
         return self.max_new_tokens or (96 if self.task == "story" else 12)
+
+    def story_classifier_for(self, attribute: str) -> str:
+        """The story classifier in use: `auto` is the lexical one for gender, the judge otherwise."""
+        if self.story_classifier != "auto":
+            return self.story_classifier
+        return "lexical" if attribute == "gender" else "judge"
 
     def actor_layout(self, engine: str, node_cpus: int) -> tuple[int, float]:
         """(actors, CPUs per actor) for the resolved engine: a CPU vLLM engine uses every core of a

@@ -15,7 +15,7 @@ from distalign_ray.methods import METHODS, get_methods
 def test_registry_pulls_in_what_a_method_starts_from():
     assert [m.name for m in get_methods(["dpo"])] == ["ift", "dpo"]
     assert [m.name for m in get_methods(None)] == list(METHODS)
-    assert METHODS["prompt-engineering"].prompt_engineering and METHODS["zero-shot"].loss_mode is None
+    assert METHODS["prompt-engineering"].prompt_engineering and not METHODS["zero-shot"].trained
     with pytest.raises(DistalignError, match="unknown method 'rlhf'"):
         get_methods(["rlhf"])
 

@@ -80,11 +80,11 @@ def test_sft_is_mean_of_per_example_token_means():
 def test_hybrid_weights_and_ablations():
     kl, kto = torch.tensor(2.0), torch.tensor(3.0)
     weights = HybridLossWeights(kl_weight=0.5, kto_weight=2.0)
-    assert combine_losses("hybrid", weights, kl, kto).item() == pytest.approx(7.0)
-    assert combine_losses("kl_only", weights, kl, None).item() == pytest.approx(1.0)
-    assert combine_losses("kto_only", weights, None, kto).item() == pytest.approx(6.0)
+    assert combine_losses(weights, kl, kto).item() == pytest.approx(7.0)  # hybrid
+    assert combine_losses(weights, kl, None).item() == pytest.approx(1.0)  # kl_only
+    assert combine_losses(weights, None, kto).item() == pytest.approx(6.0)  # kto_only
     with pytest.raises(ValueError):
-        combine_losses("dpo", weights, kl, kto)
+        combine_losses(weights, None, None)
 
 
 def test_losses_package_does_not_import_ray():

@@ -8,6 +8,7 @@ import copy
 import torch
 
 from distalign_ray.generation.base import GenerationEngine, GenerationResult, Request, SamplingSettings, SteeringSetup
+from distalign_ray.generation.readout import readout_distribution
 from distalign_ray.scoring import EncodedPrompts, encode_prompts, model_device, score_encoded
 
 
@@ -26,28 +27,20 @@ class HFEngine(GenerationEngine):
 
     @torch.no_grad()
     def readout(self, prompt: EncodedPrompts, full: bool = True) -> tuple[list[float], list[float] | None]:
-        """(class distribution, steering-id distribution or None), from token probabilities only;
-        `full=False` returns ([], the steering-id distribution) without scoring any answer.
-
-        Steered: P(class k) = sum_j P(id j) * P(answer k | id j), the binding normalised over the K
-        answers. Unsteered: forced choice, P(class k) proportional to P(answer k | prompt).
-        """
-        answers = self.steering.answer_ids
-        k = len(answers)
-        pad = self.tokenizer.pad_token_id
-        if self.steering.steered:
-            ids = self.steering.token_ids
-            id_probs = torch.softmax(prompt.last_logits[0, ids], dim=-1)
-            if not full:
-                return [], id_probs.tolist()
-            completions = [[ids[j]] + answers[c] for j in range(k) for c in range(k)]
-            logps = score_encoded(self.model, prompt, [0] * len(completions), completions, pad).token_logps
-            binding = torch.softmax(logps[:, 1:].sum(-1).view(k, k), dim=-1)  # [id j, answer c]
-            return (id_probs @ binding).tolist(), id_probs.tolist()
-        if not full:
-            return [], None
-        logps = score_encoded(self.model, prompt, [0] * k, answers, pad).token_logps
-        return torch.softmax(logps.sum(-1), dim=-1).tolist(), None
+        """(class distribution, steering-id distribution or None), see generation/readout.py;
+        `full=False` returns ([], the steering-id distribution) without scoring any answer."""
+        answers, steered = self.steering.answer_ids, self.steering.steered
+        ids = self.steering.token_ids
+        id_scores = prompt.last_logits[0, ids].float().cpu().numpy() if steered else None
+        answer_logps = None
+        if full:
+            k = len(answers)
+            heads = [[j] for j in ids] if steered else [[]]
+            completions = [head + answer for head in heads for answer in answers]
+            logps = score_encoded(self.model, prompt, [0] * len(completions), completions, self.tokenizer.pad_token_id).token_logps
+            sums = logps[:, 1:].sum(-1).view(k, k) if steered else logps.sum(-1)  # the forced id is not scored
+            answer_logps = sums.float().cpu().numpy()
+        return readout_distribution(id_scores, answer_logps)
 
     @torch.no_grad()
     def generate(self, request: Request) -> GenerationResult:

@@ -21,13 +21,12 @@ from collections import defaultdict
 import numpy as np
 
 from distalign_ray.generation.base import SamplingSettings, SteeringSetup
+from distalign_ray.generation.readout import readout_from_logprobs, readout_queries
 from distalign_ray.generation.vllm_engine import (
     cpu_process_env,
     draw_steering_ids,
     engine_kwargs,
     forced_token_params,
-    readout_from_logprobs,
-    readout_queries,
     sampling_params,
     vllm_model_source,
 )

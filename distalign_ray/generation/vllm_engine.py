@@ -23,6 +23,7 @@ import numpy as np
 
 from distalign_ray.errors import DistalignError
 from distalign_ray.generation.base import GenerationEngine, GenerationResult, Request, SamplingSettings, SteeringSetup
+from distalign_ray.generation.readout import readout_from_logprobs, readout_queries
 
 # vLLM reads these at import/engine start, on CPU hosts only; the defaults fit a 2-core CPU actor, the
 # caller may override.
@@ -120,44 +121,6 @@ def serve_lora_separately(mode: str, adapter: str, on_gpu: bool) -> bool:
     if read_adapter_meta(adapter).get("added_special_tokens"):
         return False
     return mode == "lora" or (mode == "auto" and on_gpu)
-
-
-def readout_queries(prompt_ids: list[int], steering: SteeringSetup, full: bool = True) -> tuple[list[list[int]], list[int]]:
-    """The forced-token queries of the readout: (prefixes, token forced after each prefix).
-
-    Steered: the K steering ids after the prompt, then every answer token after prompt + id j +
-    the answer's earlier tokens (K x K answers). Unsteered: every answer token after the prompt.
-    `full=False`: only the steering-id queries (what steered sampling needs).
-    """
-    answers = steering.answer_ids
-    prefixes, tokens = [], []
-    if steering.steered:
-        prefixes += [prompt_ids] * len(steering.token_ids)
-        tokens += list(steering.token_ids)
-    if not full:
-        return prefixes, tokens
-    heads = [prompt_ids + [j] for j in steering.token_ids] if steering.steered else [prompt_ids]
-    for head in heads:
-        for answer in answers:
-            for t, token in enumerate(answer):
-                prefixes.append(head + answer[:t])
-                tokens.append(token)
-    return prefixes, tokens
-
-
-def readout_from_logprobs(logprobs: np.ndarray, steering: SteeringSetup, full: bool = True) -> tuple[list[float], list[float] | None]:
-    """Assemble the readout (see HFEngine.readout) from the log-probs of `readout_queries`."""
-    answers = steering.answer_ids
-    k = len(answers)
-    lengths = [len(a) for a in answers]
-    if not full:
-        return [], _softmax(logprobs[:k]).tolist() if steering.steered else None
-    if steering.steered:
-        id_probs = _softmax(logprobs[:k])
-        per_answer = np.add.reduceat(logprobs[k:], np.cumsum([0] + lengths * k)[:-1]).reshape(k, k)
-        binding = np.apply_along_axis(_softmax, 1, per_answer)  # [id j, answer c]
-        return (id_probs @ binding).tolist(), id_probs.tolist()
-    return _softmax(np.add.reduceat(logprobs, np.cumsum([0] + lengths)[:-1])).tolist(), None
 
 
 def draw_steering_ids(id_probs: list[float], n: int, rng: np.random.Generator) -> list[int]:
@@ -307,11 +270,6 @@ class VLLMEngine(GenerationEngine):
             results.append(GenerationResult(texts=texts[position : position + len(indices)], steering_indices=indices, readout=readout))
             position += len(indices)
         return results
-
-
-def _softmax(logps: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logps - logps.max())
-    return shifted / shifted.sum()
 
 
 def _lora_rank(adapter: str) -> int:

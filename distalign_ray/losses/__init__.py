@@ -1,7 +1,7 @@
 """Training losses, pure torch (no Ray): steering KL, KTO, SFT, and their hybrid."""
 
 from distalign_ray.losses.dpo import dpo_loss
-from distalign_ray.losses.hybrid import LOSS_MODES, HybridLossWeights, combine_losses
+from distalign_ray.losses.hybrid import HybridLossWeights, combine_losses
 from distalign_ray.losses.kto import KTOOutput, kto_loss
 from distalign_ray.losses.sft import sft_loss
 from distalign_ray.losses.steering_kl import steering_kl_loss, steering_log_probs
@@ -13,7 +13,6 @@ __all__ = [
     "sft_loss",
     "steering_kl_loss",
     "steering_log_probs",
-    "LOSS_MODES",
     "HybridLossWeights",
     "combine_losses",
 ]

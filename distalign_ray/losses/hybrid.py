@@ -6,13 +6,6 @@ from dataclasses import dataclass
 
 import torch
 
-# mode -> (uses steering KL, uses KTO)
-LOSS_MODES: dict[str, tuple[bool, bool]] = {
-    "hybrid": (True, True),
-    "kl_only": (True, False),
-    "kto_only": (False, True),
-}
-
 
 @dataclass(frozen=True)
 class HybridLossWeights:
@@ -20,14 +13,9 @@ class HybridLossWeights:
     kto_weight: float = 1.0
 
 
-def combine_losses(mode: str, weights: HybridLossWeights, kl: torch.Tensor | None, kto: torch.Tensor | None) -> torch.Tensor:
-    if mode not in LOSS_MODES:
-        raise ValueError(f"unknown loss mode {mode!r}; choose from {sorted(LOSS_MODES)}")
-    use_kl, use_kto = LOSS_MODES[mode]
-    total = None
-    if use_kl:
-        total = weights.kl_weight * kl
-    if use_kto:
-        term = weights.kto_weight * kto
-        total = term if total is None else total + term
-    return total
+def combine_losses(weights: HybridLossWeights, kl: torch.Tensor | None, kto: torch.Tensor | None) -> torch.Tensor:
+    """The weighted sum of the terms a method has (None: the method leaves that term out)."""
+    terms = [w * t for w, t in ((weights.kl_weight, kl), (weights.kto_weight, kto)) if t is not None]
+    if not terms:
+        raise ValueError("the objective needs the KL term, the KTO term or both")
+    return sum(terms[1:], terms[0])

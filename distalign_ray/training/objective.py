@@ -13,7 +13,7 @@ import torch
 
 from distalign_ray.data.steering import TrainingExample
 from distalign_ray.losses import HybridLossWeights, combine_losses, kto_loss, sft_loss, steering_kl_loss
-from distalign_ray.losses.hybrid import LOSS_MODES
+from distalign_ray.methods import trained_method
 from distalign_ray.scoring import encode_prompts, score_completions
 
 
@@ -57,7 +57,8 @@ def sft_step_loss(scorer, examples: list[TrainingExample], steering_token_ids: l
 
 def hybrid_step_loss(scorer, examples: list[TrainingExample], steering_token_ids: list[int], cfg, group_size: int, z0_reduce=None) -> dict:
     """Loss of `cfg.loss_mode` on one batch of per-prompt groups; the total and detached components."""
-    use_kl, use_kto = LOSS_MODES[cfg.loss_mode]
+    method = trained_method(cfg.loss_mode)
+    use_kl, use_kto = method.kl, method.kto
     has_steering = examples[0].steering_index is not None
     prompts = [e.prompt_ids for e in examples]
     completions = [_completion(e, steering_token_ids) for e in examples]
@@ -99,7 +100,7 @@ def hybrid_step_loss(scorer, examples: list[TrainingExample], steering_token_ids
             out["reward_desirable"] = result.rewards[desirable].mean()
         if (~desirable).any():
             out["reward_undesirable"] = result.rewards[~desirable].mean()
-    out["loss"] = combine_losses(cfg.loss_mode, HybridLossWeights(cfg.kl_weight, cfg.kto_weight), kl, kto)
+    out["loss"] = combine_losses(HybridLossWeights(cfg.kl_weight, cfg.kto_weight), kl, kto)
     return out
 
 

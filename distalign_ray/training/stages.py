@@ -1,7 +1,8 @@
-"""What each training method trains: its stages, their data (grouped by prompt) and step losses.
+"""What each training recipe trains: its stages, their data (grouped by prompt) and step losses.
 
-One registry for every fine-tuned method, so adding a method is one entry here, not a new pipeline:
-- hybrid / kl_only / kto_only: stage `sft` (bind steering ids to answers), then stage `align`;
+A method (methods.py) names its recipe; a recipe is one builder registered here:
+- steering (hybrid / kl_only / kto_only): stage `sft` (bind steering ids to answers), then stage
+  `align` with the method's objective terms;
 - ift: plain SFT on answers drawn in the target proportions (no steering token);
 - dpo: preference pairs toward the target proportions, usually starting from the IFT adapter.
 """
@@ -13,18 +14,18 @@ from dataclasses import dataclass
 
 import torch
 
-from distalign_ray.config import TRAINING_MODES, FinetuneConfig
+from distalign_ray.config import FinetuneConfig
 from distalign_ray.data.baselines import build_dpo_pairs, build_ift_examples
 from distalign_ray.data.prompts import build_prompts, chat_prompt_ids
 from distalign_ray.data.specs import DistributionSpec
 from distalign_ray.data.steering import build_steering_examples
-from distalign_ray.losses.hybrid import LOSS_MODES
+from distalign_ray.methods import Recipe, trained_method
 from distalign_ray.training.budget import TrainingBudget
 from distalign_ray.training.objective import dpo_step_loss, hybrid_step_loss, sft_step_loss
 
 
 def uses_steering(cfg: FinetuneConfig) -> bool:
-    return cfg.loss_mode in LOSS_MODES
+    return trained_method(cfg.loss_mode).recipe == "steering"
 
 
 @dataclass
@@ -60,38 +61,62 @@ def _fill_reference_logps(scorer, pairs) -> None:
             pair.reference_chosen, pair.reference_rejected = sums[i], sums[len(chunk) + i]
 
 
+StageBuilder = Callable[..., list[Stage]]
+RECIPES: dict[str, StageBuilder] = {}
+
+
+def recipe(name: Recipe) -> Callable[[StageBuilder], StageBuilder]:
+    """Registers the stage builder of a training recipe."""
+
+    def register(builder: StageBuilder) -> StageBuilder:
+        RECIPES[name] = builder
+        return builder
+
+    return register
+
+
 def build_stages(
     cfg: FinetuneConfig, spec: DistributionSpec, tokenizer, vocab, scorer, budget: TrainingBudget, z0_reduce=None
 ) -> list[Stage]:
-    if uses_steering(cfg):
-        examples = build_steering_examples(spec, tokenizer, vocab, cfg.templates)
-        ids, group_size = vocab.token_ids, vocab.num_classes**2
-        return [
-            Stage(
-                "sft",
-                budget.sft_epochs,
-                cfg.sft_lr,
-                group_by_prompt([e for e in examples if e.desirable]),
-                lambda s, batch: sft_step_loss(s, batch, ids, cfg),
-            ),
-            Stage(
-                "align",
-                budget.epochs,
-                cfg.lr,
-                group_by_prompt(examples),
-                lambda s, batch: hybrid_step_loss(s, batch, ids, cfg, group_size, z0_reduce=z0_reduce),
-            ),
-        ]
-    if cfg.loss_mode == "ift":
-        examples = build_ift_examples(spec, tokenizer, cfg.answers_per_prompt, cfg.templates)
-        return [Stage("ift", budget.epochs, cfg.lr, group_by_prompt(examples), lambda s, batch: sft_step_loss(s, batch, None, cfg))]
-    if cfg.loss_mode == "dpo":
-        pairs = build_dpo_pairs(spec, tokenizer, cfg.answers_per_prompt, cfg.templates)
-        scorer.eval()
-        _fill_reference_logps(scorer, pairs)
-        scorer.train()
-        return [Stage("dpo", budget.epochs, cfg.lr, group_by_prompt(pairs), lambda s, batch: dpo_step_loss(s, batch, cfg))]
-    raise ValueError(f"unknown loss_mode {cfg.loss_mode!r}; choose from {TRAINING_MODES}")
+    method = trained_method(cfg.loss_mode)
+    return RECIPES[method.recipe](cfg, spec, tokenizer, vocab, scorer, budget, z0_reduce)
+
+
+@recipe("steering")
+def _steering_stages(cfg, spec, tokenizer, vocab, scorer, budget, z0_reduce) -> list[Stage]:
+    examples = build_steering_examples(spec, tokenizer, vocab, cfg.templates)
+    ids, group_size = vocab.token_ids, vocab.num_classes**2
+    return [
+        Stage(
+            "sft",
+            budget.sft_epochs,
+            cfg.sft_lr,
+            group_by_prompt([e for e in examples if e.desirable]),
+            lambda s, batch: sft_step_loss(s, batch, ids, cfg),
+        ),
+        Stage(
+            "align",
+            budget.epochs,
+            cfg.lr,
+            group_by_prompt(examples),
+            lambda s, batch: hybrid_step_loss(s, batch, ids, cfg, group_size, z0_reduce=z0_reduce),
+        ),
+    ]
+
+
+@recipe("ift")
+def _ift_stages(cfg, spec, tokenizer, vocab, scorer, budget, z0_reduce) -> list[Stage]:
+    examples = build_ift_examples(spec, tokenizer, cfg.answers_per_prompt, cfg.templates)
+    return [Stage("ift", budget.epochs, cfg.lr, group_by_prompt(examples), lambda s, batch: sft_step_loss(s, batch, None, cfg))]
+
+
+@recipe("dpo")
+def _dpo_stages(cfg, spec, tokenizer, vocab, scorer, budget, z0_reduce) -> list[Stage]:
+    pairs = build_dpo_pairs(spec, tokenizer, cfg.answers_per_prompt, cfg.templates)
+    scorer.eval()
+    _fill_reference_logps(scorer, pairs)
+    scorer.train()
+    return [Stage("dpo", budget.epochs, cfg.lr, group_by_prompt(pairs), lambda s, batch: dpo_step_loss(s, batch, cfg))]
 
 
 @torch.no_grad()
