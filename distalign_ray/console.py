@@ -108,3 +108,13 @@ def captured_output(folder: Path, name: str, enabled: bool = True):
         err.close()
         _terminal, _error_stream, _log_file, _unannounced_log = None, None, None, None
         captured.close()
+
+
+def progress_bar(unit: str, *fields: str):
+    """A rich progress display on the terminal: description, bar, done/total `unit`, the named task
+    fields (formatted by the caller), elapsed time and ETA."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit)]
+    columns += [TextColumn(f"{{task.fields[{name}]}}") for name in fields]
+    return Progress(*columns, TimeElapsedColumn(), TimeRemainingColumn(), console=terminal())

@@ -32,25 +32,15 @@ class EstimateResult:
 
 
 def execute_plan(plan: EstimatePlan) -> tuple[list[dict], float]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     from distalign_ray.adapters import publish_adapter
     from distalign_ray.cluster import init_ray
-    from distalign_ray.console import terminal
+    from distalign_ray.console import progress_bar
     from distalign_ray.generation.pipeline import run_requests
 
     init_ray()
     started = time.time()
     sampling = SamplingSettings(plan.cfg.new_tokens(), plan.cfg.temperature, plan.cfg.top_p)
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("samples"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=terminal()) as progress:
+    with progress_bar("samples") as progress:
         task = progress.add_task(f"{plan.method} on {plan.spec.name}", total=sum(int(r["n"]) for r in plan.requests))
         rows = run_requests(
             plan.requests,

@@ -29,6 +29,7 @@ from distalign_ray.models import load_model, load_tokenizer, model_on_this_node
 from distalign_ray.scoring import CompletionScorer
 from distalign_ray.tracking.mlflow_store import StepLogger
 from distalign_ray.training.budget import plan_budget
+from distalign_ray.training.progress import ProgressFeed
 from distalign_ray.training.stages import build_stages, readout_probs, uses_steering, validation_set
 
 STATE_FILE = "training_state.pt"
@@ -152,6 +153,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if start_index > 0:  # a restarted worker group: say where it resumed (visible in MLflow)
         logger.log({"resumed_at_step": float(global_step)}, global_step)
     steering_ids = vocab.token_ids if vocab is not None else None
+    total_steps = sum(math.ceil(len(stage.groups) / budget.prompts_per_batch) * stage.epochs for stage in stages)
+    progress = ProgressFeed(loop_config.get("progress") if rank == 0 else None, total_steps)
 
     for plan_index in range(start_index, len(plan)):
         name, epoch = plan[plan_index]
@@ -168,6 +171,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             sched.step()
             global_step += 1
             epoch_losses.append(parts["loss"].item())
+            progress.step(name, epoch, stage.epochs, global_step, epoch_losses[-1])
             if global_step % cfg.log_every == 0:
                 metrics = {f"{name}/{k}": float(v.detach()) for k, v in parts.items()}
                 metrics.update({f"{name}/grad_norm": float(grad_norm), f"{name}/lr": sched.get_last_lr()[0]})
@@ -175,6 +179,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with autocast:
             metrics = _epoch_metrics(model, validation, steering_ids, answers, pad_id, epoch_losses, rank, world)
         metrics.update(stage=name, epoch=epoch, plan_index=plan_index, global_step=global_step, device=str(device))
+        progress.epoch_end(global_step, metrics["val_mae"])
         if plan_index == len(plan) - 1 and steering_ids is not None:
             with autocast:
                 binding = _binding_metrics(model, tokenizer, spec, steering_ids, [p for p, _ in validation], rank, world)
