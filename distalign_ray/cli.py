@@ -295,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         except CheckFailed as exc:
             print(f"distalign: check failed: {exc}", file=error_stream())
             return CheckFailed.exit_code
+        except BrokenPipeError:  # the reader went away (`distalign config show ... | head`)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+            return 0
 
 
 if __name__ == "__main__":

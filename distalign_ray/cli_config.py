@@ -102,8 +102,20 @@ def _yaml_value(value) -> str:
 
 
 def _field_lines(model: BaseModel, indent: str) -> list[str]:
+    fields = type(model).model_fields
+    groups = getattr(type(model), "GROUPS", {}) or {"": tuple(fields)}
     lines = []
-    for name, field in type(model).model_fields.items():
+    for group, names in groups.items():
+        if group:
+            lines.append(f"{indent}# --- {group} ---")
+        lines.extend(_value_lines(model, names, indent))
+    return lines
+
+
+def _value_lines(model: BaseModel, names: tuple[str, ...], indent: str) -> list[str]:
+    lines = []
+    for name in names:
+        field = type(model).model_fields[name]
         value = getattr(model, name)
         comment = f"  # {field.description}" if field.description else ""
         if isinstance(value, BaseModel):

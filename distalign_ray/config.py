@@ -5,7 +5,7 @@ Every field is logged to MLflow as a param, so a run can be reproduced from its 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -14,6 +14,9 @@ from distalign_ray.methods import trained_method, trained_method_names
 
 class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    # Field groups, in display order, for `distalign config show` (the YAML keys stay flat).
+    GROUPS: ClassVar[dict[str, tuple[str, ...]]] = {}
 
 
 class LoraSettings(_Config):
@@ -27,6 +30,24 @@ class LoraSettings(_Config):
 
 class FinetuneConfig(_Config):
     """Stage 1 (SFT on desirable answers) then stage 2 (steering KL + KTO)."""
+
+    GROUPS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "method and data": (
+            "model", "loss_mode", "init_adapter", "answers_per_prompt", "steering_tokens",
+            "max_contexts", "templates", "validation_templates",
+        ),
+        "loss": (
+            "kl_weight", "kto_weight", "beta", "desirable_weight", "undesirable_weight",
+            "kto_balance", "kl_normalization", "score_steering_token",
+        ),
+        "optimiser and budget": (
+            "sft_epochs", "sft_lr", "epochs", "lr", "prompts_per_batch", "min_sft_steps", "min_steps",
+            "warmup_ratio", "min_lr_ratio", "max_grad_norm", "weight_decay", "seed",
+        ),
+        "LoRA": ("lora",),
+        "binding check": ("binding_check", "binding_threshold", "binding_answer_threshold"),
+        "scaling": ("num_workers", "cpus_per_worker", "use_gpu", "gpus_per_worker", "max_failures", "log_every"),
+    }  # fmt: skip
 
     model: str = Field("smollm2-135m", description="alias, local HF folder, or hub id")
     loss_mode: str = Field("hybrid", description="the trained method (methods.py registry): " + ", ".join(trained_method_names()))
@@ -109,6 +130,12 @@ class FinetuneConfig(_Config):
 
 
 class EstimateConfig(_Config):
+    GROUPS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "what is estimated": ("model", "adapter", "task", "estimator", "prompt_engineering", "max_contexts"),
+        "sampling": ("samples_per_context", "samples_per_request", "max_new_tokens", "temperature", "top_p", "seed"),
+        "evaluation": ("bootstrap_resamples", "story_classifier", "judge_model"),
+        "scaling": ("engine", "num_actors", "cpus_per_actor", "gpus_per_actor", "vllm_backend", "vllm_lora"),
+    }
     model: str = Field("smollm2-135m", description="alias, local HF folder, or hub id")
     adapter: str | None = Field(None, description="a fine-tuned adapter folder or storage URI (from `distalign finetune`)")
     task: Literal["attribute", "story"] = Field("attribute", description="attribute: one-word answers; story: a short story, classified")

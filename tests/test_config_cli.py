@@ -11,6 +11,7 @@ from pydantic import BaseModel
 
 from distalign_ray.cli import build_parser, main
 from distalign_ray.cli_config import COMMANDS, SECTIONS, command_config, config_model
+from distalign_ray.config import EstimateConfig, FinetuneConfig
 
 
 def _models(model: type[BaseModel]):
@@ -26,6 +27,27 @@ def test_every_config_field_is_described(command):
         f"{m.__name__}.{name}" for m in _models(config_model(command)) for name, f in m.model_fields.items() if not f.description
     ]
     assert not undescribed
+
+
+@pytest.mark.parametrize("model", [FinetuneConfig, EstimateConfig])
+def test_grouped_configs_place_every_field_in_one_group(model):
+    grouped = [name for names in model.GROUPS.values() for name in names]
+    assert sorted(grouped) == sorted(model.model_fields) and len(grouped) == len(set(grouped))
+    assert {"loss", "LoRA", "scaling"} <= set(model.GROUPS) or model is EstimateConfig
+
+
+def test_config_show_heads_each_group_and_survives_a_closed_pipe():
+    import subprocess
+    import sys
+
+    shown = subprocess.run([sys.executable, "-m", "distalign_ray.cli", "config", "show", "finetune"], capture_output=True, text=True)
+    headers = [line.strip() for line in shown.stdout.splitlines() if line.strip().startswith("# ---")]
+    assert headers == [f"# --- {group} ---" for group in FinetuneConfig.GROUPS]
+    # `| head` closes the pipe early: no traceback.
+    piped = subprocess.run(
+        f"{sys.executable} -m distalign_ray.cli config show finetune | head -2", shell=True, capture_output=True, text=True
+    )
+    assert piped.stdout.splitlines() == ["finetune:", "  # --- method and data ---"] and piped.stderr == "", piped.stderr
 
 
 @pytest.mark.parametrize("command", COMMANDS)

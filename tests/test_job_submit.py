@@ -160,7 +160,9 @@ def test_quickstart_via_ray_job_submit(tiny_model_path, tmp_path):
     assert len(lines) <= 60 and f"log: {log}" in logs and lines[-1].startswith("MLflow: "), logs
     # One progress display per stage: training (steps, loss, the readout's val_mae) and each estimate.
     assert re.search(r"hybrid on gender-us-real .* (\d+)/\1 steps align epoch 1/1  loss \d+\.\d{3}  val_mae \d\.\d{3}", logs), logs
-    assert re.search(r"zero-shot on gender-us-real .* 8/8 samples", logs) and re.search(r"hybrid on gender-us-real .* 8/8 samples", logs), logs
+    assert re.search(r"zero-shot on gender-us-real .* 8/8 samples", logs) and re.search(r"hybrid on gender-us-real .* 8/8 samples", logs), (
+        logs
+    )
     noise = log.read_text()
     ours = logs[logs.index("log: ") :]  # after the job header of `ray job logs`
     assert "TrainController" in noise and "TrainController" not in ours and "INFO" not in ours and "Warning" not in ours
