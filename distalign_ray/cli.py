@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 
 from distalign_ray.cli_config import COMMANDS as CONFIG_COMMANDS
 from distalign_ray.console import captured_output, error_stream, terminal
-from distalign_ray.errors import CheckFailed, DistalignError
+from distalign_ray.errors import CheckFailed, DistalignError, TrackingUnavailable
 from distalign_ray.methods import METHODS, trained_method_names
 from distalign_ray.paths import home_dir
 from distalign_ray.storage import STORAGE_ENV, use_storage
@@ -280,13 +282,39 @@ COMMANDS = {
 }
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (`ray job stop`, kill) ends a command like Ctrl-C does
+
+
 def main(argv: list[str] | None = None) -> int:
+    from distalign_ray.tracking.mlflow_store import SERVER_RETRIES
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name, value in SERVER_RETRIES.items():
+        os.environ.setdefault(name, value)
     args = build_parser().parse_args(argv)
-    quiet = hasattr(args, "verbose") and not args.verbose  # the commands that run Ray
+    runs_ray = hasattr(args, "verbose")  # the commands that run Ray have --verbose
+    catch_sigterm = runs_ray and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if catch_sigterm else None
+    try:
+        return _run_command(args, quiet=runs_ray and not args.verbose)
+    finally:
+        if catch_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _run_command(args, quiet: bool) -> int:
     with captured_output(home_dir() / "logs", args.command, enabled=quiet) as log:
         try:
             return COMMANDS[args.command](args)
+        except KeyboardInterrupt:
+            # Runs end KILLED, adapters and sample tables are whole or absent; a rerun starts clean
+            # (compare: resumes).
+            print("distalign: interrupted", file=error_stream())
+            return 130
+        except TrackingUnavailable as exc:
+            print(f"distalign: error: {exc}; samples drawn so far are kept under {home_dir() / 'runs'}", file=error_stream())
+            return TrackingUnavailable.exit_code
         except DistalignError as exc:
             if log is not None:
                 log.discard()  # bad input: nothing written

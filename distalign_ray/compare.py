@@ -136,7 +136,7 @@ def run_compare(cfg: CompareConfig, console=None, report: str | Path | None = No
     from distalign_ray.cluster import init_ray
     from distalign_ray.console import terminal
     from distalign_ray.estimate import run_estimate
-    from distalign_ray.tracking.mlflow_store import attach_log, check_tracking, ensure_experiment, log_params
+    from distalign_ray.tracking.mlflow_store import check_tracking, log_params, start_run
 
     console = console or terminal()
     started = time.time()
@@ -144,49 +144,41 @@ def run_compare(cfg: CompareConfig, console=None, report: str | Path | None = No
     methods, specs = validate_compare(cfg)
     init_ray()
     adapters = storage.join(storage.storage_root(), "compare", cfg.name)
-    experiment_id = ensure_experiment()
     parent_id = _parent_run(cfg.name)
-    if parent_id is None:
-        parent = mlflow.start_run(
-            run_name=f"compare-{cfg.name}",
-            experiment_id=experiment_id,
-            tags={"job": "compare", "compare": cfg.name},
-            description=f"Comparison '{cfg.name}' of methods x datasets x tasks; a child run per cell (`distalign compare --name {cfg.name}` resumes it)",
-        )
-        log_params(
-            cfg.model_dump(exclude={"finetune", "estimate"})
-            | {"finetune": cfg.finetune.model_dump(), "estimate": cfg.estimate.model_dump()}
-        )
-    else:
-        parent = mlflow.start_run(run_id=parent_id)
+    if parent_id is not None:
         console.print(f"resuming comparison '{cfg.name}' (run {parent_id})")
-    with parent:
-        try:
-            done = finished_cells(parent.info.run_id)
-            for dataset, spec in specs.items():
-                for method in methods:
-                    adapter = _train(method, dataset, cfg, adapters, spec) if method.trained else None
-                    for task in cfg.tasks:
-                        key = cell_key(dataset, method.name, task)
-                        if key in done:
-                            console.print(f"skip {key} (finished in run {done[key]})")
-                            continue
-                        console.rule(key)
-                        est = cfg.estimate.model_copy(
-                            update={
-                                "model": cfg.finetune.model,
-                                "adapter": str(adapter) if adapter else None,
-                                "task": task,
-                                "prompt_engineering": method.prompt_engineering,
-                            }
-                        )
-                        tags = {"kind": "estimate", "cell": key, "compare": cfg.name, "method": method.name}
-                        run_estimate(spec, est, tags=tags, run_name=f"{method.name}:{dataset}:{task}")
-            rows = collect_results(parent.info.run_id)
-            write_results(rows, home_dir() / "compare" / cfg.name / "results")
-            mlflow.log_artifacts(str(home_dir() / "compare" / cfg.name / "results"), artifact_path="results")
-        finally:
-            attach_log()
+    description = (
+        f"Comparison '{cfg.name}' of methods x datasets x tasks; a child run per cell (`distalign compare --name {cfg.name}` resumes it)"
+    )
+    with start_run(f"compare-{cfg.name}", description, tags={"job": "compare", "compare": cfg.name}, resume_run_id=parent_id) as parent:
+        if parent_id is None:
+            log_params(
+                cfg.model_dump(exclude={"finetune", "estimate"})
+                | {"finetune": cfg.finetune.model_dump(), "estimate": cfg.estimate.model_dump()}
+            )
+        done = finished_cells(parent.info.run_id)
+        for dataset, spec in specs.items():
+            for method in methods:
+                adapter = _train(method, dataset, cfg, adapters, spec) if method.trained else None
+                for task in cfg.tasks:
+                    key = cell_key(dataset, method.name, task)
+                    if key in done:
+                        console.print(f"skip {key} (finished in run {done[key]})")
+                        continue
+                    console.rule(key)
+                    est = cfg.estimate.model_copy(
+                        update={
+                            "model": cfg.finetune.model,
+                            "adapter": str(adapter) if adapter else None,
+                            "task": task,
+                            "prompt_engineering": method.prompt_engineering,
+                        }
+                    )
+                    tags = {"kind": "estimate", "cell": key, "compare": cfg.name, "method": method.name}
+                    run_estimate(spec, est, tags=tags, run_name=f"{method.name}:{dataset}:{task}")
+        rows = collect_results(parent.info.run_id)
+        write_results(rows, home_dir() / "compare" / cfg.name / "results")
+        mlflow.log_artifacts(str(home_dir() / "compare" / cfg.name / "results"), artifact_path="results")
     console.print(results_markdown(rows))
     if report:
         Path(report).write_text(results_document(rows, cfg, time.time() - started))

@@ -9,3 +9,10 @@ class CheckFailed(Exception):
     """Work finished but its result fails a check (e.g. the binding check): one line, exit code 3."""
 
     exit_code = 3
+
+
+class TrackingUnavailable(Exception):
+    """The MLflow tracking server stopped answering in the middle of a command: one line, exit code 1.
+    Nothing more is sent to it, so no run is reported as finished."""
+
+    exit_code = 1

@@ -3,6 +3,7 @@ the per-context table."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,9 @@ def summarize(plan: EstimatePlan, rows: list[dict], output_dir: Path):
     table, extra = _samples_table(rows, spec, cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
     samples_path = output_dir / "samples.parquet"
-    pq.write_table(table, samples_path)
+    partial = output_dir / ".samples.parquet.partial"  # renamed when whole: never a cut-off table
+    pq.write_table(table, partial)
+    os.replace(partial, samples_path)
     index = {c: i for i, c in enumerate(spec.categories)}
     context_col = table.column("context_index").to_pylist()
     label_col = table.column("label").to_pylist()

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 from distalign_ray.console import log_file
-from distalign_ray.errors import DistalignError
+from distalign_ray.errors import DistalignError, TrackingUnavailable
 from distalign_ray.paths import home_dir
 
 EXPERIMENT = "distalign"
@@ -117,25 +118,70 @@ def flatten_params(config: Mapping, prefix: str = "") -> dict[str, str]:
     return flat
 
 
+# A tracking server that goes away fails a run's next call after about 15 s of retries (MLflow's
+# default retries for ~4 minutes); a user's own setting wins.
+SERVER_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
+def tracking_unreachable(error: BaseException) -> bool:
+    """Whether `error` (or what caused it) is a failed connection to the tracking server."""
+    import requests
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, requests.exceptions.ConnectionError | TrackingUnavailable):
+            return True
+        if "Max retries exceeded" in str(error) and "mlflow" in str(error).lower():
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 @contextmanager
 def start_run(
-    run_name: str, description: str, tags: Mapping[str, str] | None = None, nested: bool = False, parent_run_id: str | None = None
+    run_name: str,
+    description: str,
+    tags: Mapping[str, str] | None = None,
+    nested: bool = False,
+    parent_run_id: str | None = None,
+    resume_run_id: str | None = None,
 ):
     """A run in the project experiment, with a description (shown on its page); nested under the active
-    run (or `parent_run_id`)."""
+    run (or `parent_run_id`); `resume_run_id` reopens that run instead.
+
+    It ends FINISHED, KILLED when the command is interrupted (Ctrl-C, SIGTERM: KeyboardInterrupt), or
+    FAILED. When the tracking server is the failure, nothing more is sent to it: the error says so."""
     import mlflow
 
     check_tracking()
-    experiment_id = ensure_experiment()
-    all_tags = dict(tags or {})
-    if parent_run_id:
-        all_tags["mlflow.parentRunId"] = parent_run_id
-    with mlflow.start_run(run_name=run_name, experiment_id=experiment_id, nested=nested, tags=all_tags, description=description) as run:
-        try:
-            yield run
-        finally:
+    if resume_run_id:
+        run = mlflow.start_run(run_id=resume_run_id)
+    else:
+        all_tags = dict(tags or {})
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = mlflow.start_run(run_name=run_name, experiment_id=ensure_experiment(), nested=nested, tags=all_tags, description=description)
+    status = "FINISHED"
+    try:
+        yield run
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except TrackingUnavailable:
+        status = None  # no request can reach the server
+        raise
+    except BaseException as error:
+        if not tracking_unreachable(error):
+            status = "FAILED"
+            raise
+        status = None
+        raise TrackingUnavailable(f"MLflow tracking server {tracking_uri()} stopped answering ({error.__class__.__name__})") from error
+    finally:
+        if status is not None:
             if not (nested or parent_run_id):
                 attach_log()
+            mlflow.end_run(status)
 
 
 def attach_log() -> None:
@@ -187,7 +233,15 @@ class StepLogger:
             return
         from mlflow.tracking import MlflowClient
 
-        MlflowClient(tracking_uri=self.uri).log_batch(self.run_id, metrics=self._buffer)
+        try:
+            MlflowClient(tracking_uri=self.uri).log_batch(self.run_id, metrics=self._buffer)
+        except Exception as error:
+            if not tracking_unreachable(error):
+                raise
+            # Step metrics are best effort: training goes on and its adapter is kept; the driver's
+            # next call to the server reports the outage.
+            print(f"step metrics not logged from here on: MLflow unreachable ({error.__class__.__name__})", file=sys.stderr)
+            self.run_id = None
         self._buffer = []
 
 

@@ -15,7 +15,7 @@ from distalign_ray.errors import CheckFailed, DistalignError
 from distalign_ray.evaluation.binding import BindingReport, failure_message, summary_line
 from distalign_ray.models import load_tokenizer, resolve_model
 from distalign_ray.training.budget import plan_budget
-from distalign_ray.training.launcher import build_trainer, train_storage
+from distalign_ray.training.launcher import build_trainer, fit_in_thread, train_storage
 from distalign_ray.training.loop import ADAPTER_DIR
 from distalign_ray.training.progress import training_progress
 from distalign_ray.training.stages import uses_steering
@@ -66,7 +66,7 @@ def run_finetune(spec: DistributionSpec, cfg: FinetuneConfig, output: str | Path
     # Local mode (num_workers=0) runs the loop in this process, without Ray: no queue, no bar.
     with training_progress(f"{cfg.loss_mode} on {spec.name}", enabled=cfg.num_workers > 0) as progress:
         trainer = build_trainer(cfg, loop_config | {"progress": progress}, run_name, train_storage("ray_results"))
-        result = trainer.fit()
+        result = fit_in_thread(trainer) if cfg.num_workers > 0 else trainer.fit()  # local mode: this thread
     if result.error is not None:
         raise result.error
     if result.checkpoint is None:

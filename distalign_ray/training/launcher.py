@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+
 from distalign_ray.config import FinetuneConfig
 from distalign_ray.storage import join, storage_root
 
@@ -40,3 +43,30 @@ def build_trainer(cfg: FinetuneConfig, loop_config: dict, name: str, storage_pat
             callbacks=list(callbacks),
         ),
     )
+
+
+def fit_in_thread(trainer, while_fitting: Callable[[], None] | None = None):
+    """`trainer.fit()` in a helper thread; the calling thread runs `while_fitting()` (which may block
+    up to about a second) until the fit ends, and returns its Result or raises its error.
+
+    In the main thread, Ray Train's fit installs its own SIGINT handler for good: Ctrl-C then ends
+    the process with exit code 1 (or leaves the command running after the fit) instead of raising
+    KeyboardInterrupt, so runs could not end KILLED. Outside the main thread it installs none."""
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # re-raised in the calling thread
+            outcome["error"] = error
+
+    fitting = threading.Thread(target=fit, name="train-fit", daemon=True)
+    fitting.start()
+    while fitting.is_alive():
+        if while_fitting is None:
+            fitting.join(timeout=0.5)
+        else:
+            while_fitting()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]

@@ -63,38 +63,30 @@ def _trial(config: dict, spec: dict, model_ref: dict, storage_path: str) -> None
     deadlocks when a fit's last report arrives while the trial function returns (a Ray 2.60 race that
     hung a sweep for good). Here the fit runs in a thread, its reports come through a queue, and this
     function hands them to `tune.report` one by one, the ordinary synchronous path."""
-    import threading
-
     from ray import tune
     from ray.util.queue import Empty, Queue
 
-    from distalign_ray.training.launcher import build_trainer
+    from distalign_ray.training.launcher import build_trainer, fit_in_thread
     from distalign_ray.tuning.reports import QueueReports
 
     finetune = FinetuneConfig.model_validate(config["finetune"] | {k: config[k] for k in SEARCHED})
     loop_config = {"finetune": finetune.model_dump(), "spec": spec, "model_ref": model_ref}
     name = f"trial-{tune.get_context().get_trial_id()}"
     reports = Queue(actor_options={"num_cpus": 0})
-    outcome: dict = {}
 
-    def fit() -> None:
-        try:
-            outcome["result"] = build_trainer(finetune, loop_config, name, storage_path, callbacks=[QueueReports(reports)]).fit()
-        except BaseException as error:  # re-raised in the trial function below
-            outcome["error"] = error
-
-    fitting = threading.Thread(target=fit, name="train-fit", daemon=True)
-    fitting.start()
-    # Every report is queued before fit() returns (the callback's put is synchronous), so once the
-    # thread has ended, an empty queue means all reports reached Tune.
-    while fitting.is_alive() or not reports.empty():
+    def forward_report() -> None:
         try:
             tune.report(reports.get(timeout=1))
         except Empty:
             pass
-    error = outcome.get("error") or outcome["result"].error
-    if error is not None:
-        raise error
+
+    trainer = build_trainer(finetune, loop_config, name, storage_path, callbacks=[QueueReports(reports)])
+    result = fit_in_thread(trainer, while_fitting=forward_report)
+    # Every report is queued before fit() returns (the callback's put is synchronous).
+    while not reports.empty():
+        tune.report(reports.get())
+    if result.error is not None:
+        raise result.error
 
 
 def trial_resources(cfg: SweepConfig) -> dict:
