@@ -21,6 +21,27 @@ def tiny_model_path(tmp_path_factory, embedded_model_path) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_run_settings(tiny_model_path):
+    """The `finetune:` and `estimate:` sections of a quickstart or compare config on the tiny model,
+    as small as a full run gets (2 contexts, 1 + 1 epochs, 4 samples of 3 tokens)."""
+
+    def settings(num_workers: int = 1) -> dict:
+        return {
+            "finetune": {
+                "model": tiny_model_path,
+                "num_workers": num_workers,
+                "epochs": 1,
+                "sft_epochs": 1,
+                "max_contexts": 2,
+                "binding_check": "report",  # a random tiny model binds nothing
+            },
+            "estimate": {"samples_per_context": 4, "max_contexts": 2, "max_new_tokens": 3},
+        }
+
+    return settings
+
+
+@pytest.fixture(scope="session")
 def tokenizer(embedded_model_path):
     from distalign_ray.models import ModelRef, load_tokenizer
 

@@ -110,27 +110,15 @@ def _no_partial_files(home: Path, *folders: Path) -> None:
     assert not leftovers, leftovers
 
 
-def _tiny_quickstart(tmp_path: Path, tiny_model_path: str, output: Path) -> Path:
-    config = {
-        "dataset": "gender-us-real",
-        "output": str(output),
-        "finetune": {
-            "model": tiny_model_path,
-            "num_workers": 1,
-            "epochs": 1,
-            "sft_epochs": 1,
-            "max_contexts": 2,
-            "binding_check": "report",
-        },
-        "estimate": {"samples_per_context": 4, "max_contexts": 2, "max_new_tokens": 3},
-    }
+def _tiny_quickstart(tmp_path: Path, settings: dict, output: Path) -> Path:
+    config = {"dataset": "gender-us-real", "output": str(output), **settings}
     path = tmp_path / f"{output.name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
 
 @pytest.mark.slow
-def test_ctrl_c_in_each_quickstart_stage_then_a_rerun(tiny_model_path, tmp_path):
+def test_ctrl_c_in_each_quickstart_stage_then_a_rerun(tiny_run_settings, tmp_path):
     ray_tmpdir = f"/tmp/rf{secrets.token_hex(3)}"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env, home = _env(tmp_path, ray_tmpdir, uri), tmp_path / "home"
@@ -142,7 +130,7 @@ def test_ctrl_c_in_each_quickstart_stage_then_a_rerun(tiny_model_path, tmp_path)
     try:
         for number, (marker, count, stage_run) in enumerate(stages, start=1):
             output = tmp_path / f"adapter-{number}"
-            command = Command(["quickstart", "--config", str(_tiny_quickstart(tmp_path, tiny_model_path, output))], env)
+            command = Command(["quickstart", "--config", str(_tiny_quickstart(tmp_path, tiny_run_settings(), output))], env)
             command.wait_for(marker, count)
             time.sleep(2)  # in the middle of it
             rc, out, err, seconds = command.interrupt()
@@ -160,7 +148,7 @@ def test_ctrl_c_in_each_quickstart_stage_then_a_rerun(tiny_model_path, tmp_path)
                 assert not (home / "runs" / killed[-1].info.run_id / "samples.parquet").exists()
             mlflow.search_runs(experiment_names=["distalign"])  # the store is readable (nothing locked)
         # The rerun (same config, a fresh output) goes through.
-        command = Command(["quickstart", "--config", str(_tiny_quickstart(tmp_path, tiny_model_path, tmp_path / "adapter-rerun"))], env)
+        command = Command(["quickstart", "--config", str(_tiny_quickstart(tmp_path, tiny_run_settings(), tmp_path / "adapter-rerun"))], env)
         rc, out, err = command.finish()
         assert rc == 0, (out[-3000:], err[-3000:])
         runs = mlflow.search_runs(experiment_names=["distalign"], filter_string="tags.job = 'quickstart'", output_format="list")
@@ -170,37 +158,24 @@ def test_ctrl_c_in_each_quickstart_stage_then_a_rerun(tiny_model_path, tmp_path)
 
 
 @pytest.mark.slow
-def test_ctrl_c_in_a_compare_cell_then_resume(tiny_model_path, tmp_path):
+def test_ctrl_c_in_a_compare_cell_then_resume(tiny_run_settings, tmp_path):
     ray_tmpdir = f"/tmp/rf{secrets.token_hex(3)}"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = _env(tmp_path, ray_tmpdir, uri)
-    config = {
-        "name": "faults",
-        "datasets": ["gender-us-real"],
-        "methods": ["hybrid"],
-        "finetune": {
-            "model": tiny_model_path,
-            "num_workers": 1,
-            "epochs": 1,
-            "sft_epochs": 1,
-            "max_contexts": 2,
-            "binding_check": "report",
-        },
-        "estimate": {"samples_per_context": 4, "max_contexts": 2, "max_new_tokens": 3},
-    }
+    config = {"name": "faults", "datasets": ["gender-us-real"], "methods": ["hybrid"], **tiny_run_settings()}
     (tmp_path / "compare.yaml").write_text(yaml.safe_dump(config))
     argv = ["compare", "--config", str(tmp_path / "compare.yaml")]
     adapters = tmp_path / "home" / "compare" / "faults"
     try:
-        # Ctrl-C while the cell trains, then while it estimates.
-        for marker, stage_run in (
-            ("Started training worker group", "train:hybrid:gender-us-real"),
-            ("Starting execution of Dataset", "hybrid:gender-us-real:attribute"),
+        # Ctrl-C while the cell trains, then SIGTERM (`ray job stop`, kill) while it estimates.
+        for marker, stage_run, how in (
+            ("Started training worker group", "train:hybrid:gender-us-real", "ctrl-c"),
+            ("Starting execution of Dataset", "hybrid:gender-us-real:attribute", "sigterm"),
         ):
             command = Command(argv, env)
             command.wait_for(marker)
             time.sleep(2)
-            rc, out, err, seconds = command.interrupt()
+            rc, out, err, seconds = command.interrupt(how)
             _assert_interrupted(rc, err, seconds, ray_tmpdir)
             statuses = _runs(uri)
             assert statuses["compare-faults"] == "KILLED" and statuses[stage_run] == "KILLED", statuses

@@ -45,7 +45,7 @@ def _stop_head(ray_tmpdir: str) -> None:
 
 
 @pytest.mark.slow
-def test_quickstart_via_ray_job_submit(tiny_model_path, tmp_path):
+def test_quickstart_via_ray_job_submit(tiny_run_settings, tmp_path):
     bin_dir = Path(sys.executable).parent
     ray_tmpdir = f"/tmp/rj{secrets.token_hex(3)}"  # short: socket paths must stay under ~107 chars
     env = dict(
@@ -57,19 +57,7 @@ def test_quickstart_via_ray_job_submit(tiny_model_path, tmp_path):
     )
     port, dashboard_port = _free_port(), _free_port()
     address = f"http://127.0.0.1:{dashboard_port}"
-    config = {
-        "dataset": "gender-us-real",
-        "output": str(tmp_path / "adapter"),
-        "finetune": {
-            "model": tiny_model_path,
-            "num_workers": 2,
-            "epochs": 1,
-            "sft_epochs": 1,
-            "max_contexts": 2,
-            "binding_check": "report",
-        },
-        "estimate": {"samples_per_context": 4, "max_contexts": 2, "max_new_tokens": 3},
-    }
+    config = {"dataset": "gender-us-real", "output": str(tmp_path / "adapter"), **tiny_run_settings(num_workers=2)}
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": uri, "DISTALIGN_HOME": str(tmp_path / "home")}}
