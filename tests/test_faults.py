@@ -53,8 +53,17 @@ class Command:
     """A `distalign` command in its own session, as started from a terminal."""
 
     def __init__(self, argv: list[str], env: dict):
+        # A terminal starts its foreground command with SIGINT at its default; a process that inherits
+        # it ignored (as pytest's children may, after Ray or vLLM ran in the test process) keeps it
+        # ignored, and Python then never raises KeyboardInterrupt. Reset it, then exec the command.
+        launch = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
         self.proc = subprocess.Popen(
-            [BIN / "distalign", *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+            [sys.executable, "-c", launch, str(BIN / "distalign"), *argv],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
         )
 
     def log_text(self) -> str:
