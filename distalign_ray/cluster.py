@@ -4,6 +4,8 @@ one; and what a cluster whose work runs on other nodes requires (shared storage,
 from __future__ import annotations
 
 import os
+import signal
+import threading
 
 from distalign_ray.errors import DistalignError
 
@@ -12,12 +14,17 @@ def init_ray(num_cpus: int | None = None) -> None:
     import ray
 
     if not ray.is_initialized():
+        sigterm = signal.getsignal(signal.SIGTERM)
         address = os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
             # "local" forces a fresh cluster: a stale address file from a dead head would make ray.init() hang.
             ray.init(address="local", num_cpus=num_cpus, log_to_driver=True)
+        # Ray's core worker replaces the SIGTERM handler with one that aborts the process (exit -6,
+        # runs left RUNNING); keep the command's own (cli: SIGTERM ends a command like Ctrl-C).
+        if callable(sigterm) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, sigterm)
     check_shared_storage()
 
 
