@@ -122,13 +122,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
     answers = [answer_ids(tokenizer, spec.answers[c])[:-1] for c in spec.categories]
 
     plan = [(stage.name, epoch) for stage in stages for epoch in range(stage.epochs)]
+
+    def stage_steps(stage) -> int:  # optimizer steps of a stage: its schedule's length and the progress total
+        return math.ceil(len(stage.groups) / budget.prompts_per_batch) * stage.epochs
+
     by_name = {stage.name: stage for stage in stages}
     optimizers = {}
 
     def optimizer_for(name: str):
         if name not in optimizers:
             stage = by_name[name]
-            total = math.ceil(len(stage.groups) / budget.prompts_per_batch) * stage.epochs
+            total = stage_steps(stage)
             opt = torch.optim.AdamW(trainable, lr=stage.lr, weight_decay=cfg.weight_decay)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, cfg.warmup_ratio, cfg.min_lr_ratio))
             optimizers[name] = (opt, sched)
@@ -153,7 +157,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if start_index > 0:  # a restarted worker group: say where it resumed (visible in MLflow)
         logger.log({"resumed_at_step": float(global_step)}, global_step)
     steering_ids = vocab.token_ids if vocab is not None else None
-    total_steps = sum(math.ceil(len(stage.groups) / budget.prompts_per_batch) * stage.epochs for stage in stages)
+    total_steps = sum(stage_steps(stage) for stage in stages)
     progress = ProgressFeed(loop_config.get("progress") if rank == 0 else None, total_steps)
 
     for plan_index in range(start_index, len(plan)):
