@@ -14,8 +14,9 @@ import urllib.request
 import mlflow
 import pytest
 
-from distalign_ray.config import FinetuneConfig
+from distalign_ray.config import EstimateConfig, FinetuneConfig
 from distalign_ray.data.specs import load_dataset
+from distalign_ray.estimate import run_estimate
 from distalign_ray.tracking.mlflow_store import experiment_url, ui_command
 from distalign_ray.tuning.sweep import SweepConfig, run_sweep
 
@@ -67,7 +68,9 @@ def test_sweep_trials_and_mae_in_the_mlflow_ui(ray_cluster, tiny_model_path, mlf
         ),
         output=str(tmp_path / "best.yaml"),
     )
-    result = run_sweep(load_dataset("gender-us-real"), cfg)
+    spec = load_dataset("gender-us-real")
+    result = run_sweep(spec, cfg)
+    estimate = run_estimate(spec, EstimateConfig(model=tiny_model_path, samples_per_context=7, samples_per_request=7, max_contexts=2, max_new_tokens=4))
     experiment = mlflow.get_experiment_by_name("distalign")
     trials = mlflow.search_runs([experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{result['parent_run_id']}'")
     assert len(trials) == 2
@@ -93,10 +96,15 @@ def test_sweep_trials_and_mae_in_the_mlflow_ui(ray_cluster, tiny_model_path, mlf
             assert re.search(r"val_mae\s+" + re.escape(value), text), f"val_mae {value}... not shown"
         # The experiment has the kind of a training experiment (older UIs open their runs table by it).
         assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
-        # `distalign ui` prints this link: the runs table of the "Model training" view.
+        # `distalign ui` prints this link: the runs table of the "Model training" view, opened on the
+        # project's saved view, whose columns show each estimate's MAE and each trial's val_mae.
         first_page = _visible_text(_rendered_dom(experiment_url(experiment.experiment_id, f"http://127.0.0.1:{port}"), tmp_path / "p2"))
-        assert "sweep-ui-sweep" in first_page and "3 matching runs" in first_page, first_page[:2000]
+        assert "sweep-ui-sweep" in first_page and "4 matching runs" in first_page, first_page[:2000]
         assert "Detect Issues" not in first_page and "Traces 0" not in first_page
+        header = first_page[first_page.index("Run Name") : first_page.index("Hide run")]
+        assert re.search(r"\bmae\b", header) and "val_mae" in header, header
+        mae = estimate.report.mae
+        assert re.search(rf"\b{re.escape(str(round(mae, 4))[:5])}", first_page), f"mae {mae} not in the runs table: {first_page[:3000]}"
     finally:
         server.terminate()
         server.wait(timeout=30)

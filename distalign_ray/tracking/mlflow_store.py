@@ -25,6 +25,19 @@ UI_VIEW = "?workflowType=machine_learning"
 UI_ADDRESS = "http://127.0.0.1:5000"  # where `distalign ui` serves the local store by default
 ESTIMATION_METRICS = ("mae", "mae_ci_low", "mae_ci_high", "kl", "js", "unmatched_rate", "noise_floor_mae")
 ESTIMATION_TAGS = ("dataset", "task", "method", "estimator", "model")
+# The runs table shows only source/model/dataset columns by default; a saved view (what the UI's
+# "Share" button stores as an experiment tag) opens it with the numbers users compare runs by.
+RUNS_TABLE_VIEW = "distalign"
+RUNS_TABLE_COLUMNS = (
+    *(f"metrics.`{m}`" for m in ("mae", "mae_ci_low", "mae_ci_high", "noise_floor_mae", "unmatched_rate", "val_mae", "binding_accuracy_min")),
+    *(f"tags.`{t}`" for t in ("dataset", "task", "method")),
+)
+RUNS_TABLE_TAG = {
+    f"mlflow.sharedViewState.{RUNS_TABLE_VIEW}": json.dumps(
+        {"name": RUNS_TABLE_VIEW, "createdAt": 0, "state": json.dumps({"selectedColumns": list(RUNS_TABLE_COLUMNS)})}
+    )
+}
+EXPERIMENT_TAGS = {**EXPERIMENT_KIND, **RUNS_TABLE_TAG}
 
 
 def tracking_uri() -> str:
@@ -74,14 +87,14 @@ def check_tracking(uri: str | None = None) -> str:
 
 
 def ensure_experiment(name: str = EXPERIMENT) -> str:
-    """The project experiment's id; created (or, if made by an older version, tagged) with its kind."""
+    """The project experiment's id; created (or, if made by an older version, tagged) with its kind and runs-table view."""
     import mlflow
 
     if tracking_uri().startswith("sqlite:///"):
         Path(tracking_uri()[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
-        for key, value in EXPERIMENT_KIND.items():
+        for key, value in EXPERIMENT_TAGS.items():
             if experiment.tags.get(key) != value:
                 mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
@@ -89,14 +102,14 @@ def ensure_experiment(name: str = EXPERIMENT) -> str:
     if tracking_uri().startswith("sqlite:///"):
         Path(artifact_root()).mkdir(parents=True, exist_ok=True)
         location = Path(artifact_root()).as_uri()
-    return mlflow.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+    return mlflow.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
 
 
 def experiment_url(experiment_id: str, ui_address: str | None = None) -> str:
     """The experiment's runs table in the MLflow UI: the tracking server's, or `distalign ui`'s."""
     uri = tracking_uri()
     base = ui_address or (uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI_ADDRESS)
-    return f"{base}/#/experiments/{experiment_id}{UI_VIEW}"
+    return f"{base}/#/experiments/{experiment_id}/runs{UI_VIEW}&viewStateShareKey={RUNS_TABLE_VIEW}"
 
 
 def run_url(run_id: str) -> str:
@@ -104,7 +117,7 @@ def run_url(run_id: str) -> str:
     import mlflow
 
     experiment_id = mlflow.get_run(run_id).info.experiment_id
-    return experiment_url(experiment_id).replace(UI_VIEW, f"/runs/{run_id}{UI_VIEW}")
+    return experiment_url(experiment_id).partition("?")[0] + f"/{run_id}{UI_VIEW}"
 
 
 def flatten_params(config: Mapping, prefix: str = "") -> dict[str, str]:
