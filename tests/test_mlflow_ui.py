@@ -70,7 +70,9 @@ def test_sweep_trials_and_mae_in_the_mlflow_ui(ray_cluster, tiny_model_path, mlf
     )
     spec = load_dataset("gender-us-real")
     result = run_sweep(spec, cfg)
-    estimate = run_estimate(spec, EstimateConfig(model=tiny_model_path, samples_per_context=7, samples_per_request=7, max_contexts=2, max_new_tokens=4))
+    estimate = run_estimate(
+        spec, EstimateConfig(model=tiny_model_path, samples_per_context=7, samples_per_request=7, max_contexts=2, max_new_tokens=4)
+    )
     experiment = mlflow.get_experiment_by_name("distalign")
     trials = mlflow.search_runs([experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{result['parent_run_id']}'")
     assert len(trials) == 2

@@ -29,7 +29,10 @@ ESTIMATION_TAGS = ("dataset", "task", "method", "estimator", "model")
 # "Share" button stores as an experiment tag) opens it with the numbers users compare runs by.
 RUNS_TABLE_VIEW = "distalign"
 RUNS_TABLE_COLUMNS = (
-    *(f"metrics.`{m}`" for m in ("mae", "mae_ci_low", "mae_ci_high", "noise_floor_mae", "unmatched_rate", "val_mae", "binding_accuracy_min")),
+    *(
+        f"metrics.`{m}`"
+        for m in ("mae", "mae_ci_low", "mae_ci_high", "noise_floor_mae", "unmatched_rate", "val_mae", "binding_accuracy_min")
+    ),
     *(f"tags.`{t}`" for t in ("dataset", "task", "method")),
 )
 RUNS_TABLE_TAG = {
