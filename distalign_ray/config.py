@@ -38,7 +38,7 @@ class FinetuneConfig(_Config):
         ),
         "loss": (
             "kl_weight", "kto_weight", "beta", "desirable_weight", "undesirable_weight",
-            "kto_balance", "kl_normalization", "score_steering_token",
+            "kto_balance", "kto_reference", "kl_normalization", "score_steering_token",
         ),
         "optimiser and budget": (
             "sft_epochs", "sft_lr", "epochs", "lr", "prompts_per_batch", "min_sft_steps", "min_steps",
@@ -64,12 +64,18 @@ class FinetuneConfig(_Config):
         "undesirable) pairs; rows: the plain mean over the K x K rows (K - 1 undesirable rows per desirable one "
         "outweigh the binding when K >= 3). Identical for K = 2",
     )
+    kto_reference: Literal["sft", "base"] = Field(
+        "sft",
+        description="KTO's reference model: sft = base + the stage-1 SFT adapter, frozen (the paper's); base = the base "
+        "model with the adapter off (rewards then also count what SFT learned)",
+    )
     kl_normalization: Literal["steering", "vocab"] = Field(
         "steering", description="renormalise the model over the steering ids (default) or use the full vocabulary"
     )
     score_steering_token: bool = Field(
-        False,
-        description="include the steering id in the SFT/KTO log-probs (the paper does; we leave the id to the KL)",
+        True,
+        description="score the steering id in the SFT and KTO log-probs, as the paper does; false leaves the id to the KL "
+        "term alone (then kto_only cannot move the id distribution)",
     )
     steering_tokens: Literal["auto", "digits", "special"] = Field(
         "auto", description="steering ids: digits 0..K-1 (auto for K <= 10) or added special tokens (auto above)"

@@ -102,3 +102,65 @@ def test_kto_loss_matches_trl(tiny_model_path, tokenizer, tmp_path, policy_logit
     desirable = batch["label"].bool()
     assert ours.rewards[desirable].mean().item() == pytest.approx(trl_metrics["rewards/chosen"][-1], abs=1e-5)
     assert ours.rewards[~desirable].mean().item() == pytest.approx(trl_metrics["rewards/rejected"][-1], abs=1e-5)
+
+
+def test_our_kto_batch_gives_trls_loss_and_z0(tiny_model_path, tokenizer, tmp_path):
+    """A batch built by our data code (steering examples, whole prompt groups, our batching) run through
+    TRL's KTOTrainer, which pairs each prompt with the previous row's completion for z0, gives the loss
+    and z0 of our hybrid step (kto_only, TRL's plain row mean), which takes z0 from the batch's own rows:
+    on our data TRL's mismatched pairs are those rows, permuted."""
+    from distalign_ray.config import FinetuneConfig
+    from distalign_ray.data.specs import load_dataset
+    from distalign_ray.data.steering import build_steering_examples, prepare_steering_vocab
+    from distalign_ray.scoring import CompletionScorer
+    from distalign_ray.training.loop import batches
+    from distalign_ray.training.objective import fill_kto_reference, hybrid_step_loss
+    from distalign_ray.training.stages import group_by_prompt
+
+    spec = load_dataset("gender-us-real").subset(3)
+    vocab = prepare_steering_vocab(tokenizer, spec)
+    groups = group_by_prompt(build_steering_examples(spec, tokenizer, vocab, ["attribute_0"]))
+    batch = batches(groups, 2, seed=3, rank=0, world=1)[0]  # 2 prompts x K x K rows
+    completions = [[vocab.token_ids[e.steering_index], *e.answer_ids] for e in batch]
+    # TRL's rule (kto_trainer: completions rotated by +1 within a batch) yields the batch's own pairs
+    rows = sorted((tuple(e.prompt_ids), tuple(c)) for e, c in zip(batch, completions))
+    trl_pairs = sorted((tuple(e.prompt_ids), tuple(c)) for e, c in zip(batch, completions[-1:] + completions[:-1]))
+    assert trl_pairs == rows
+
+    cfg = FinetuneConfig(model=tiny_model_path, loss_mode="kto_only", beta=BETA, kto_balance="rows")
+    policy, reference = load_models(tiny_model_path, 2.0)  # on these rows the sharper policy gives raw z0 > 0
+    pad = tokenizer.pad_token_id
+    fill_kto_reference(CompletionScorer(reference, pad), batch, vocab.token_ids, cfg)
+    with torch.no_grad():
+        ours = hybrid_step_loss(CompletionScorer(policy, pad), batch, vocab.token_ids, cfg)
+
+    texts = {
+        "prompt": [tokenizer.decode(e.prompt_ids) for e in batch],
+        "completion": [tokenizer.decode(c[:-1]) for c in completions],  # TRL appends the EOS itself
+        "label": [e.desirable for e in batch],
+    }
+    config = trl.KTOConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=len(batch),
+        beta=BETA,
+        max_length=256,
+        precompute_ref_log_probs=False,
+        remove_unused_columns=False,
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to=[],
+    )
+    trainer = trl.KTOTrainer(
+        model=policy, ref_model=reference, args=config, train_dataset=Dataset.from_dict(texts), processing_class=tokenizer
+    )
+    trl_batch = next(iter(trainer.get_train_dataloader()))
+    # TRL tokenised our texts back to our token ids
+    trl_rows = sorted(tuple(ids[mask.bool()].tolist()) for ids, mask in zip(trl_batch["input_ids"], trl_batch["attention_mask"]))
+    assert trl_rows == sorted(tuple(e.prompt_ids + c) for e, c in zip(batch, completions))
+    with torch.no_grad():
+        trl_loss = trainer.compute_loss(policy, trl_batch)
+    trl_z0 = trainer._metrics["eval"]["kl"][-1]
+    assert trl_z0 > 0  # the clamp does not hide a difference
+    assert ours["kto_z0"].item() == pytest.approx(trl_z0, abs=1e-5)
+    assert ours["kto"].item() == pytest.approx(trl_loss.item(), abs=1e-5)

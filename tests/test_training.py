@@ -83,3 +83,25 @@ def test_two_ray_train_workers_loss_down_checkpoint_restorable(ray_cluster, tiny
         restored = _readout_mae(tiny_model_path, f"{folder}/{ADAPTER_DIR}", spec)
     assert restored == pytest.approx(result["metrics"]["val_mae"], abs=1e-4)
     assert json.loads((tmp_path / "adapter" / "distalign_meta.json").read_text())["dataset"] == "gender-uk-even"
+
+
+@pytest.mark.parametrize("reference", ["sft", "base"])
+def test_kto_reference_is_the_frozen_stage_one_model(tiny_model_path, tmp_path, mlflow_uri, reference):
+    """KTO rewards (beta x log-ratio to the reference) start at 0 in the alignment stage when the reference is
+    base + the stage-1 adapter (the paper's); against the bare base they start at what SFT already moved."""
+    spec = load_dataset("gender-us-real").subset(2)
+    cfg = FinetuneConfig(
+        model=tiny_model_path, num_workers=0, sft_epochs=3, epochs=1, prompts_per_batch=4, kto_reference=reference, binding_check="report"
+    )
+    with mlflow.start_run() as run:
+        result = run_finetune(spec, cfg, tmp_path / "adapter", mlflow_run_id=run.info.run_id)
+    client = mlflow.MlflowClient()
+    first_align_step = result["budget"].sft_steps + 1
+    rewards = [
+        next(m.value for m in client.get_metric_history(run.info.run_id, f"align/reward_{kind}") if m.step == first_align_step)
+        for kind in ("desirable", "undesirable")
+    ]
+    if reference == "sft":
+        assert rewards == pytest.approx([0.0, 0.0], abs=1e-5)
+    else:  # SFT raised the desirable rows (id + own answer) more than the undesirable ones (id + other answer)
+        assert rewards[0] > 0.01 and rewards[0] > rewards[1], rewards

@@ -78,6 +78,7 @@ class TrainingExample:
     context_index: int
     template: str
     meta: dict = field(default_factory=dict)
+    reference_logp: float | None = None  # KTO's frozen reference log-prob, filled when the alignment stage starts
 
 
 def answer_ids(tokenizer, text: str) -> list[int]:

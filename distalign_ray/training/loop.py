@@ -148,6 +148,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
             set_peft_model_state_dict(model, load_file(str(Path(folder) / ADAPTER_DIR / "adapter_model.safetensors")))
             start_index, global_step = state["plan_index"] + 1, state["global_step"]
+            for name, values in state.get("reference_logps", {}).items():
+                for example, value in zip(by_name[name].examples(), values):
+                    example.reference_logp = value
             for name, (opt_state, sched_state) in state["optimizers"].items():
                 opt, sched = optimizer_for(name)
                 opt.load_state_dict(opt_state)
@@ -164,6 +167,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         name, epoch = plan[plan_index]
         stage = by_name[name]
         opt, sched = optimizer_for(name)
+        if epoch == 0 and stage.prepare is not None:
+            with autocast:
+                stage.prepare(scorer)
         epoch_losses = []
         for batch in batches(stage.groups, budget.prompts_per_batch, cfg.seed * 1000 + plan_index, rank, world):
             with autocast:
@@ -190,7 +196,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             metrics.update(binding.metrics(), binding=asdict(binding))
         logger.log({k: v for k, v in metrics.items() if isinstance(v, float)}, global_step)
         logger.flush()
-        _report_with_checkpoint(model, tokenizer, vocab, spec, cfg, optimizers, metrics, rank, loop_config)
+        _report_with_checkpoint(model, tokenizer, vocab, spec, cfg, optimizers, stages, metrics, rank, loop_config)
 
 
 def _epoch_metrics(model, validation, steering_ids, answers, pad_id, losses, rank, world) -> dict:
@@ -241,7 +247,7 @@ def adapter_meta(vocab, spec: DistributionSpec, cfg: FinetuneConfig, model_ref_n
     }
 
 
-def _report_with_checkpoint(model, tokenizer, vocab, spec, cfg, optimizers, metrics, rank, loop_config) -> None:
+def _report_with_checkpoint(model, tokenizer, vocab, spec, cfg, optimizers, stages, metrics, rank, loop_config) -> None:
     import ray.train
 
     if rank != 0:
@@ -258,6 +264,12 @@ def _report_with_checkpoint(model, tokenizer, vocab, spec, cfg, optimizers, metr
                 "plan_index": metrics["plan_index"],
                 "global_step": metrics["global_step"],
                 "optimizers": {k: (o.state_dict(), s.state_dict()) for k, (o, s) in optimizers.items()},
+                # a resumed stage keeps the reference it started with (the stage-1 adapter is gone by then)
+                "reference_logps": {
+                    stage.name: [e.reference_logp for e in stage.examples()]
+                    for stage in stages
+                    if stage.prepare is not None and stage.examples()[0].reference_logp is not None
+                },
             },
             os.path.join(folder, STATE_FILE),
         )

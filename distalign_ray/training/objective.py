@@ -1,8 +1,9 @@
 """One training step's loss from a batch of steering examples (torch only, no Ray).
 
 One policy pass gives both terms: each prompt's last-position logits for the steering KL and the
-answer log-probs for KTO/SFT (prompts shared by several rows run once, see `scoring`). The reference
-model is the same network with the LoRA adapter disabled (no second copy in memory).
+answer log-probs for KTO/SFT (prompts shared by several rows run once, see `scoring`). KTO's reference
+log-probs are computed once when the alignment stage starts (`fill_kto_reference`): the frozen
+base + stage-1 adapter (the paper's), or the base with the adapter off (`kto_reference: base`).
 """
 
 from __future__ import annotations
@@ -22,15 +23,15 @@ def unwrap(scorer):
     return getattr(scorer, "module", scorer)
 
 
-def reference_disabled(scorer):
-    """Context manager running the scorer's peft model as the reference (adapter off)."""
+def adapter_disabled(scorer):
+    """Context manager running the scorer's peft model as the base model (adapter off)."""
     inner = unwrap(scorer).model
     return inner.disable_adapter() if hasattr(inner, "disable_adapter") else nullcontext()
 
 
-def _completion(example: TrainingExample, steering_token_ids: list[int], answer: list[int] | None = None) -> list[int]:
+def _completion(example: TrainingExample, steering_token_ids: list[int]) -> list[int]:
     prefix = [] if example.steering_index is None else [steering_token_ids[example.steering_index]]
-    return prefix + list(example.answer_ids if answer is None else answer)
+    return prefix + list(example.answer_ids)
 
 
 def _scored_mask(completion_mask: torch.Tensor, has_steering: bool, score_steering_token: bool) -> torch.Tensor:
@@ -40,12 +41,22 @@ def _scored_mask(completion_mask: torch.Tensor, has_steering: bool, score_steeri
     return mask
 
 
-def mismatched_answers(examples: list[TrainingExample], group_size: int) -> list[list[int]]:
-    """TRL's KL pairs: each row keeps its prompt (and steering id) and takes another row's answer.
-    Rows come in per-prompt groups, so rotating by a whole group pairs every prompt with the same
-    set of answers it is trained on, but from a different prompt (rotate by one within a lone group)."""
-    shift = group_size if len(examples) > group_size else 1
-    return [examples[(i - shift) % len(examples)].answer_ids for i in range(len(examples))]
+@torch.no_grad()
+def fill_kto_reference(scorer, examples: list[TrainingExample], steering_token_ids: list[int], cfg, chunk: int = 64) -> None:
+    """Each example's reference log-prob (summed like the policy's), from the model as it is now, frozen:
+    at the start of the alignment stage that is base + the stage-1 adapter; `kto_reference: base`
+    scores with the adapter off. Dropout off; the policy's training mode is restored."""
+    model = unwrap(scorer)
+    was_training = model.training
+    model.eval()
+    with adapter_disabled(model) if cfg.kto_reference == "base" else nullcontext():
+        for start in range(0, len(examples), chunk):
+            part = examples[start : start + chunk]
+            _, token_logps, completion_mask = model([e.prompt_ids for e in part], [_completion(e, steering_token_ids) for e in part])
+            mask = _scored_mask(completion_mask, part[0].steering_index is not None, cfg.score_steering_token)
+            for example, value in zip(part, (token_logps * mask).sum(-1).tolist()):
+                example.reference_logp = value
+    model.train(was_training)
 
 
 def sft_step_loss(scorer, examples: list[TrainingExample], steering_token_ids: list[int], cfg) -> dict:
@@ -55,39 +66,36 @@ def sft_step_loss(scorer, examples: list[TrainingExample], steering_token_ids: l
     return {"loss": loss, "sft": loss.detach()}
 
 
-def hybrid_step_loss(scorer, examples: list[TrainingExample], steering_token_ids: list[int], cfg, group_size: int, z0_reduce=None) -> dict:
-    """Loss of `cfg.loss_mode` on one batch of per-prompt groups; the total and detached components."""
+def hybrid_step_loss(scorer, examples: list[TrainingExample], steering_token_ids: list[int], cfg, z0_reduce=None) -> dict:
+    """Loss of `cfg.loss_mode` on one batch of per-prompt groups; the total and detached components.
+
+    KTO's z0 comes from TRL's mismatched pairs (row i's prompt with row i-1's completion). A batch is whole prompt
+    groups that all hold the same K x K completions in the same order, so those pairs are exactly the
+    batch's own (prompt, completion) rows, permuted (tests/test_kto_matches_trl.py): z0 is the mean of
+    the batch's own log-ratios, with no second pass over duplicated rows."""
     method = trained_method(cfg.loss_mode)
     use_kl, use_kto = method.kl, method.kto
-    has_steering = examples[0].steering_index is not None
-    prompts = [e.prompt_ids for e in examples]
-    completions = [_completion(e, steering_token_ids) for e in examples]
-    if use_kto:  # the mismatched rows ride along in the same pass; they are only used detached
-        rotated = mismatched_answers(examples, group_size)
-        prompts = prompts + prompts
-        completions = completions + [_completion(e, steering_token_ids, a) for e, a in zip(examples, rotated)]
-    first_logits, token_logps, completion_mask = scorer(prompts, completions)
-    mask = _scored_mask(completion_mask, has_steering, cfg.score_steering_token)
-    rows = len(examples)
+    first_logits, token_logps, completion_mask = scorer(
+        [e.prompt_ids for e in examples], [_completion(e, steering_token_ids) for e in examples]
+    )
+    mask = _scored_mask(completion_mask, examples[0].steering_index is not None, cfg.score_steering_token)
     out = {}
     kl = kto = None
     device = first_logits.device
     if use_kl:
         targets = torch.tensor([e.target for e in examples], dtype=torch.float32, device=device)
-        kl = steering_kl_loss(first_logits[:rows], torch.tensor(steering_token_ids, device=device), targets, cfg.kl_normalization)
+        kl = steering_kl_loss(first_logits, torch.tensor(steering_token_ids, device=device), targets, cfg.kl_normalization)
         out["steering_kl"] = kl.detach()
     if use_kto:
         logps = (token_logps * mask).sum(-1)
-        with torch.no_grad(), reference_disabled(scorer):
-            _, ref_token_logps, _ = unwrap(scorer)(prompts, completions)
-            reference = (ref_token_logps * mask).sum(-1)
+        reference = torch.tensor([e.reference_logp for e in examples], dtype=logps.dtype, device=device)
         desirable = torch.tensor([e.desirable for e in examples], device=device)
         result = kto_loss(
-            logps[:rows],
-            reference[:rows],
+            logps,
+            reference,
             desirable,
-            logps[rows:].detach(),
-            reference[rows:],
+            logps.detach(),
+            reference,
             beta=cfg.beta,
             desirable_weight=cfg.desirable_weight,
             undesirable_weight=cfg.undesirable_weight,

@@ -21,7 +21,7 @@ from distalign_ray.data.specs import DistributionSpec
 from distalign_ray.data.steering import build_steering_examples
 from distalign_ray.methods import Recipe, trained_method
 from distalign_ray.training.budget import TrainingBudget
-from distalign_ray.training.objective import dpo_step_loss, hybrid_step_loss, sft_step_loss
+from distalign_ray.training.objective import dpo_step_loss, fill_kto_reference, hybrid_step_loss, sft_step_loss
 
 
 def uses_steering(cfg: FinetuneConfig) -> bool:
@@ -35,6 +35,12 @@ class Stage:
     lr: float
     groups: list[list]  # per-prompt groups of examples (a batch is a set of whole groups)
     step: Callable[[object, list], dict]
+    # Run with the scorer when the stage starts (KTO's frozen reference log-probs, kept on the examples
+    # and in checkpoints); None: nothing to prepare.
+    prepare: Callable[[object], None] | None = None
+
+    def examples(self) -> list:
+        return [example for group in self.groups for example in group]
 
 
 def group_by_prompt(items: list) -> list[list]:
@@ -85,7 +91,8 @@ def build_stages(
 @recipe("steering")
 def _steering_stages(cfg, spec, tokenizer, vocab, scorer, budget, z0_reduce) -> list[Stage]:
     examples = build_steering_examples(spec, tokenizer, vocab, cfg.templates)
-    ids, group_size = vocab.token_ids, vocab.num_classes**2
+    ids = vocab.token_ids
+    kto = trained_method(cfg.loss_mode).kto
     return [
         Stage(
             "sft",
@@ -99,7 +106,8 @@ def _steering_stages(cfg, spec, tokenizer, vocab, scorer, budget, z0_reduce) -> 
             budget.epochs,
             cfg.lr,
             group_by_prompt(examples),
-            lambda s, batch: hybrid_step_loss(s, batch, ids, cfg, group_size, z0_reduce=z0_reduce),
+            lambda s, batch: hybrid_step_loss(s, batch, ids, cfg, z0_reduce=z0_reduce),
+            prepare=(lambda s: fill_kto_reference(s, examples, ids, cfg)) if kto else None,
         ),
     ]
 
