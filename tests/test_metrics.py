@@ -32,7 +32,15 @@ RACE = LexicalClassifier(["white", "black or african american", "asian"], {"blac
         ("female? No: male", 0),
         ("This person is a woman", 1),
         ("a man", 0),
-        ("females and males", None),  # whole words only
+        ("Males", 0),  # plurals
+        ("Men.", 0),
+        ("women", 1),
+        ("Male or Female", None),  # the options echoed back are not a choice
+        ("male/female", None),
+        ("M/F", None),
+        ("Male, female, or other? I'd say female.", 1),  # an echo, then the choice
+        ("Male or Female: Male", 0),
+        ("females and males", None),
         ("Malevolent", None),
         ("Sure!", None),
         ("", None),
@@ -44,7 +52,14 @@ def test_gender_classification(text, expected):
 
 @pytest.mark.parametrize(
     "text, expected",
-    [("Black or African American", 1), ("asian", 2), ("White, or maybe Black", 1), ("Caucasian", None)],
+    [
+        ("Black or African American", 1),  # one category whose name contains "or"
+        ("asian", 2),
+        ("Asians", 2),
+        ("White, or maybe Black", 1),
+        ("White, Black or African American, or Asian", None),  # the three options echoed
+        ("Caucasian", None),
+    ],
 )
 def test_multiword_classification(text, expected):
     assert RACE(text) == expected
