@@ -52,6 +52,9 @@ def test_ray_data_estimate_counts_table_and_mlflow(ray_cluster, tiny_model_path,
     # A random tiny model answers no category: counted and reported, not dropped.
     unmatched = sum(1 for label in table.column("label").to_pylist() if label is None)
     assert result.report.unmatched_rate == pytest.approx(unmatched / 21)
+    # Answers stopped by max_new_tokens are flagged and counted: a random model rarely says EOS within 4 tokens.
+    cut = table.column("cut").to_pylist()
+    assert result.cut_rate == pytest.approx(sum(cut) / 21) and result.cut_rate > 0.5
 
     runs = mlflow.search_runs(experiment_names=["distalign"], filter_string="tags.stage = 'before'")
     assert len(runs) == 1
@@ -61,6 +64,7 @@ def test_ray_data_estimate_counts_table_and_mlflow(ray_cluster, tiny_model_path,
     for tag in ESTIMATION_TAGS:
         assert row[f"tags.{tag}"]
     assert row["tags.method"] == "zero-shot" and row["tags.estimator"] == "sample"
+    assert row["metrics.cut_rate"] == pytest.approx(result.cut_rate)
     artifacts = {a.path for a in mlflow.tracking.MlflowClient().list_artifacts(row["run_id"])}
     assert {"samples.parquet", "per_context.csv", "per_context.json", "distribution.png"} <= artifacts
 

@@ -29,6 +29,7 @@ class EstimateResult:
     run_id: str | None
     seconds: float
     method: str
+    cut_rate: float | None = None  # share of sampled answers stopped by max_new_tokens before their end
 
 
 def execute_plan(plan: EstimatePlan) -> tuple[list[dict], float]:
@@ -119,4 +120,4 @@ def run_estimate(
             stored = join(storage_root(), "runs", run.info.run_id)
             write_folder(output_dir, stored)
             samples_path = join(stored, "samples.parquet") if samples_path else None
-    return EstimateResult(report, readout, diff, samples_path, run.info.run_id, seconds, plan.method)
+    return EstimateResult(report, readout, diff, samples_path, run.info.run_id, seconds, plan.method, extra.get("cut_rate"))

@@ -14,7 +14,7 @@ from distalign_ray.estimate.labels import classify_texts
 from distalign_ray.estimate.plan import EstimatePlan
 from distalign_ray.evaluation.metrics import DistributionReport, distribution_report, readout_report
 
-SAMPLE_COLUMNS = ("context_index", "context", "template", "request_id", "seed", "steering_id", "text", "label")
+SAMPLE_COLUMNS = ("context_index", "context", "template", "request_id", "seed", "steering_id", "text", "cut", "label")
 
 
 def _samples_table(rows: list[dict], spec: DistributionSpec, cfg: EstimateConfig):
@@ -25,7 +25,7 @@ def _samples_table(rows: list[dict], spec: DistributionSpec, cfg: EstimateConfig
     labels, extra = classify_texts(spec, cfg, texts)
     position = 0
     for row in rows:
-        for text, steering_id in zip(row["texts"], row["steering_indices"]):
+        for text, steering_id, cut in zip(row["texts"], row["steering_indices"], row["cut"], strict=True):
             label = labels[position]
             position += 1
             columns["context_index"].append(int(row["context_index"]))
@@ -35,7 +35,9 @@ def _samples_table(rows: list[dict], spec: DistributionSpec, cfg: EstimateConfig
             columns["seed"].append(int(row["seed"]))
             columns["steering_id"].append(int(steering_id))
             columns["text"].append(str(text))
+            columns["cut"].append(bool(cut))
             columns["label"].append(None if label is None else spec.categories[label])
+    extra["cut_rate"] = float(np.mean(columns["cut"])) if columns["cut"] else 0.0
     return pa.table(columns), extra
 
 

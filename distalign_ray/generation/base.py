@@ -45,6 +45,7 @@ class GenerationResult:
     texts: list[str]
     steering_indices: list[int]  # -1 when the model is not steered
     readout: list[float]  # class distribution from token probabilities (no sampling); [] when skipped
+    cut: list[bool] = field(default_factory=list)  # per text: stopped by max_new_tokens before its EOS
 
 
 class GenerationEngine(ABC):

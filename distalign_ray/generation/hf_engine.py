@@ -71,5 +71,7 @@ class HFEngine(GenerationEngine):
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
         )
-        texts = self.tokenizer.batch_decode(output[:, inputs.shape[1] :], skip_special_tokens=True)
-        return GenerationResult(texts=[t.strip() for t in texts], steering_indices=chosen, readout=readout)
+        new_tokens = output[:, inputs.shape[1] :]
+        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        cut = (~(new_tokens == self.tokenizer.eos_token_id).any(-1)).tolist()
+        return GenerationResult(texts=[t.strip() for t in texts], steering_indices=chosen, readout=readout, cut=cut)

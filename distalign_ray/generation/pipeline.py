@@ -73,6 +73,7 @@ class EngineActor:
             "texts": [r.texts for r in results],
             "steering_indices": [r.steering_indices for r in results],
             "readout": [r.readout for r in results],
+            "cut": [r.cut for r in results],
         }
         keep = {k: v for k, v in batch.items() if k != "prompt_ids"}
         return {**keep, **out}

@@ -88,7 +88,7 @@ def _processor(model_source: str, adapter: str | None, seed: int, num_actors: in
     def postprocess(row: dict) -> dict:
         logprobs = row.get("logprobs")
         first = {int(k): v for k, v in logprobs[0].items()} if logprobs else {}
-        return {"key": row["key"], "text": row["generated_text"], "first_logprobs": first}
+        return {"key": row["key"], "text": row["generated_text"], "first_logprobs": first, "tokens_out": row.get("num_generated_tokens", 0)}
 
     light = {"num_cpus": 0}  # row reshaping must not wait for the cores the engine holds
     return build_processor(
@@ -148,6 +148,8 @@ def run_requests_ray_llm(
     generated = run(samples) if samples else {}
     rows = []
     for rid, result in sorted(results.items()):
-        texts = [generated[(rid, i)]["text"].strip() for i in range(len(result["steering_indices"]))]
-        rows.append({k: v for k, v in result.items() if k != "prompt_ids"} | {"texts": texts})
+        mine = [generated[(rid, i)] for i in range(len(result["steering_indices"]))]
+        texts = [g["text"].strip() for g in mine]
+        cut = [int(g["tokens_out"]) >= sampling.max_new_tokens for g in mine]  # the processor reports no finish reason
+        rows.append({k: v for k, v in result.items() if k != "prompt_ids"} | {"texts": texts, "cut": cut})
     return rows

@@ -259,15 +259,17 @@ class VLLMEngine(GenerationEngine):
                 prompts.append(prompt_ids)
                 params.append(sampling_params(self.sampling, n, self._request_seed(np.random.default_rng(request.seed))))
                 steering_indices.append([-1] * n)
-        texts = []
+        samples = []
         if prompts:
             if not self.on_gpu:  # the in-process CPU engine samples from the global generator
                 seed = np.random.SeedSequence([r.seed for r in requests]).generate_state(1)[0]
                 torch.manual_seed(int(seed))
-            texts = [sample.text.strip() for out in self._run(prompts, params) for sample in out.outputs]
+            samples = [sample for out in self._run(prompts, params) for sample in out.outputs]
         results, position = [], 0
         for indices, (readout, _) in zip(steering_indices, readouts):
-            results.append(GenerationResult(texts=texts[position : position + len(indices)], steering_indices=indices, readout=readout))
+            mine = samples[position : position + len(indices)]
+            texts, cut = [s.text.strip() for s in mine], [s.finish_reason == "length" for s in mine]
+            results.append(GenerationResult(texts=texts, steering_indices=indices, readout=readout, cut=cut))
             position += len(indices)
         return results
 
