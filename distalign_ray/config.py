@@ -33,7 +33,7 @@ class FinetuneConfig(_Config):
 
     GROUPS: ClassVar[dict[str, tuple[str, ...]]] = {
         "method and data": (
-            "model", "loss_mode", "init_adapter", "answers_per_prompt", "steering_tokens",
+            "model", "loss_mode", "init_adapter", "answers_per_context", "steering_tokens",
             "max_contexts", "templates", "validation_templates",
         ),
         "loss": (
@@ -52,7 +52,12 @@ class FinetuneConfig(_Config):
     model: str = Field("smollm2-135m", description="alias, local HF folder, or hub id")
     loss_mode: str = Field("hybrid", description="the trained method (methods.py registry): " + ", ".join(trained_method_names()))
     init_adapter: str | None = Field(None, description="start from this saved adapter (DPO starts from IFT's)")
-    answers_per_prompt: int = Field(10, gt=0, description="IFT answers / DPO pairs per prompt, in target proportions")
+    answers_per_context: int = Field(
+        100,
+        gt=0,
+        description="IFT answers / DPO pairs per context (the paper's IFT data: ~100 per occupation), in its target "
+        "proportions to 1/N (largest remainder), dealt in turn over its templates",
+    )
     kl_weight: float = Field(1.0, ge=0, description="weight of the steering KL term")
     kto_weight: float = Field(1.0, ge=0, description="weight of the KTO term")
     beta: float = Field(0.1, gt=0, description="KTO (and DPO) beta")

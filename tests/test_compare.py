@@ -62,7 +62,7 @@ def test_every_method_trains_and_estimates_and_rerun_resumes(ray_cluster, tiny_m
     cfg = CompareConfig(
         name="tiny",
         datasets=["gender-us-real"],
-        finetune={"model": tiny_model_path, "num_workers": 0, "epochs": 1, "sft_epochs": 1, "max_contexts": 2, "answers_per_prompt": 4},
+        finetune={"model": tiny_model_path, "num_workers": 0, "epochs": 1, "sft_epochs": 1, "max_contexts": 2, "answers_per_context": 8},
         estimate={"samples_per_context": 4, "max_contexts": 2, "max_new_tokens": 3, "num_actors": 1},
         capability=True,
     )

@@ -95,10 +95,14 @@ def test_ift_answers_follow_target_proportions(tokenizer):
     assert proportional_counts([0.64, 0.36], 10) == [6, 4]
     assert proportional_counts([1 / 3] * 3, 10) == [4, 3, 3]
     spec = load_dataset("gender-us-real").subset(2)
-    examples = build_ift_examples(spec, tokenizer, answers_per_prompt=10)
-    assert len(examples) == 2 * 2 * 10 and all(e.steering_index is None for e in examples)
+    assert proportional_counts([0.964, 0.036], 100) == [96, 4]
+    examples = build_ift_examples(spec, tokenizer)  # 100 per context, the default
+    assert len(examples) == 2 * 100 and all(e.steering_index is None for e in examples)
     male = tokenizer("Male", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    first_prompt = [e for e in examples if e.context_index == 0 and e.template == "attribute_0"]
-    assert sum(e.answer_ids == male for e in first_prompt) == 10  # 96% male -> 10 of 10
-    pairs = build_dpo_pairs(spec, tokenizer, pairs_per_prompt=10)
-    assert len(pairs) == 40 and all(p.chosen_ids != p.rejected_ids for p in pairs)
+    for index, target in enumerate(spec.targets):
+        mine = [e for e in examples if e.context_index == index]
+        assert sum(e.answer_ids == male for e in mine) == proportional_counts(target, 100)[0]  # to 1/100
+        per_template = [sum(e.template == t for e in mine) for t in ("attribute_0", "attribute_1")]
+        assert per_template == [50, 50]
+    pairs = build_dpo_pairs(spec, tokenizer, pairs_per_context=10)
+    assert len(pairs) == 20 and all(p.chosen_ids != p.rejected_ids for p in pairs)

@@ -114,13 +114,13 @@ def _steering_stages(cfg, spec, tokenizer, vocab, scorer, budget, z0_reduce) -> 
 
 @recipe("ift")
 def _ift_stages(cfg, spec, tokenizer, vocab, scorer, budget, z0_reduce) -> list[Stage]:
-    examples = build_ift_examples(spec, tokenizer, cfg.answers_per_prompt, cfg.templates)
+    examples = build_ift_examples(spec, tokenizer, cfg.answers_per_context, cfg.templates)
     return [Stage("ift", budget.epochs, cfg.lr, group_by_prompt(examples), lambda s, batch: sft_step_loss(s, batch, None, cfg))]
 
 
 @recipe("dpo")
 def _dpo_stages(cfg, spec, tokenizer, vocab, scorer, budget, z0_reduce) -> list[Stage]:
-    pairs = build_dpo_pairs(spec, tokenizer, cfg.answers_per_prompt, cfg.templates)
+    pairs = build_dpo_pairs(spec, tokenizer, cfg.answers_per_context, cfg.templates)
     scorer.eval()
     _fill_reference_logps(scorer, pairs)
     scorer.train()
