@@ -232,7 +232,7 @@ def cmd_estimate(args) -> int:
     r = result.report
     terminal().print(
         f"{spec.name} {result.method} ({cfg.estimator}): MAE {r.mae:.4f} [{r.mae_ci_low:.4f}, {r.mae_ci_high:.4f}] "
-        f"KL {r.kl:.4f} JS {r.js:.4f} unmatched {r.unmatched_rate:.1%} noise floor {r.noise_floor_mae:.4f} "
+        f"KL {r.kl:.4f} JS {r.js:.4f} unmatched {r.unmatched_rate:.1%} noise floor {r.noise_floor_mae:.4f} (p {r.noise_p_value:.2f}) "
         + (f"cut at max_new_tokens {result.cut_rate:.1%} " if result.cut_rate is not None else "")
         + (f"readout MAE {result.readout.mae:.4f}; " if result.readout is not None else "")
         + f"MLflow run {result.run_id}; samples {result.samples_path}"

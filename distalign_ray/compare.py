@@ -31,6 +31,7 @@ RESULT_COLUMNS = (
     "js",
     "unmatched_rate",
     "noise_floor_mae",
+    "noise_p_value",
     "readout_mae",
 )
 
@@ -205,14 +206,14 @@ def collect_results(parent_id: str) -> list[dict]:
 
 def results_markdown(rows: list[dict]) -> str:
     lines = [
-        "| dataset | task | method | MAE (95% CI) | KL | JS | unmatched | noise floor | readout MAE |",
+        "| dataset | task | method | MAE (95% CI) | KL | JS | unmatched | noise floor (p) | readout MAE |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         readout = "" if r["readout_mae"] is None or math.isnan(r["readout_mae"]) else f"{r['readout_mae']:.3f}"
         lines.append(
             f"| {r['dataset']} | {r['task']} | {r['method']} | {r['mae']:.3f} ({r['mae_ci_low']:.3f}–{r['mae_ci_high']:.3f}) | "
-            f"{r['kl']:.3f} | {r['js']:.3f} | {r['unmatched_rate']:.1%} | {r['noise_floor_mae']:.3f} | {readout} |"
+            f"{r['kl']:.3f} | {r['js']:.3f} | {r['unmatched_rate']:.1%} | {r['noise_floor_mae']:.3f} ({r['noise_p_value']:.2f}) | {readout} |"
         )
     return "\n".join(lines)
 

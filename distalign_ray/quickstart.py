@@ -119,7 +119,8 @@ def print_comparison(console, spec, before, after, timings: dict, parent_run_id:
         r = result.report
         console.print(
             f"[bold]{name:6s}[/bold] MAE {r.mae:.3f} (95% CI {r.mae_ci_low:.3f}-{r.mae_ci_high:.3f})  KL {r.kl:.3f}  "
-            f"JS {r.js:.3f}  unmatched {r.unmatched_rate:.1%}  cut {result.cut_rate:.1%}  noise floor {r.noise_floor_mae:.3f}  "
+            f"JS {r.js:.3f}  unmatched {r.unmatched_rate:.1%}  cut {result.cut_rate:.1%}  noise floor {r.noise_floor_mae:.3f} "
+            f"(p {r.noise_p_value:.2f})  "
             f"readout MAE {result.readout.mae:.3f}"
         )
     console.print("timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))

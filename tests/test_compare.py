@@ -33,6 +33,7 @@ def test_results_writer(tmp_path):
             "js": 0.1,
             "unmatched_rate": 0.5,
             "noise_floor_mae": 0.05,
+            "noise_p_value": 0.0,
             "readout_mae": 0.2,
         },
         {
@@ -46,12 +47,13 @@ def test_results_writer(tmp_path):
             "js": 0.01,
             "unmatched_rate": 0.02,
             "noise_floor_mae": 0.05,
+            "noise_p_value": 0.31,
             "readout_mae": math.nan,
         },
     ]
     write_results(rows, tmp_path)
     markdown = (tmp_path / "results.md").read_text()
-    assert "| d1 | attribute | hybrid | 0.100 (0.080–0.120) | 0.050 | 0.010 | 2.0% | 0.050 |  |" in markdown
+    assert "| d1 | attribute | hybrid | 0.100 (0.080–0.120) | 0.050 | 0.010 | 2.0% | 0.050 (0.31) |  |" in markdown
     assert (tmp_path / "results.csv").read_text().splitlines()[0].startswith("dataset,task,method,mae")
     assert (tmp_path / "heatmap_attribute.png").stat().st_size > 1000
     assert results_markdown(rows).count("\n") == 3

@@ -23,7 +23,7 @@ EXPERIMENT = "distalign"
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 UI_VIEW = "?workflowType=machine_learning"
 UI_ADDRESS = "http://127.0.0.1:5000"  # where `distalign ui` serves the local store by default
-ESTIMATION_METRICS = ("mae", "mae_ci_low", "mae_ci_high", "kl", "js", "unmatched_rate", "noise_floor_mae")
+ESTIMATION_METRICS = ("mae", "mae_ci_low", "mae_ci_high", "mae_debiased", "kl", "js", "unmatched_rate", "noise_floor_mae", "noise_p_value")
 ESTIMATION_TAGS = ("dataset", "task", "method", "estimator", "model")
 # The runs table shows only source/model/dataset columns by default; a saved view (what the UI's
 # "Share" button stores as an experiment tag) opens it with the numbers users compare runs by.
@@ -31,7 +31,16 @@ RUNS_TABLE_VIEW = "distalign"
 RUNS_TABLE_COLUMNS = (
     *(
         f"metrics.`{m}`"
-        for m in ("mae", "mae_ci_low", "mae_ci_high", "noise_floor_mae", "unmatched_rate", "val_mae", "binding_accuracy_min")
+        for m in (
+            "mae",
+            "mae_ci_low",
+            "mae_ci_high",
+            "noise_floor_mae",
+            "noise_p_value",
+            "unmatched_rate",
+            "val_mae",
+            "binding_accuracy_min",
+        )
     ),
     *(f"tags.`{t}`" for t in ("dataset", "task", "method")),
 )
