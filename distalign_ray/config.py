@@ -142,7 +142,7 @@ class FinetuneConfig(_Config):
 
 class EstimateConfig(_Config):
     GROUPS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "what is estimated": ("model", "adapter", "task", "estimator", "prompt_engineering", "max_contexts"),
+        "what is estimated": ("model", "adapter", "task", "estimator", "prompt_engineering", "max_contexts", "templates"),
         "sampling": ("samples_per_context", "samples_per_request", "max_new_tokens", "temperature", "top_p", "seed"),
         "evaluation": ("bootstrap_resamples", "story_classifier", "judge_model"),
         "scaling": ("engine", "num_actors", "cpus_per_actor", "gpus_per_actor", "vllm_backend", "vllm_lora"),
@@ -176,6 +176,11 @@ class EstimateConfig(_Config):
     )
     prompt_engineering: bool = Field(False, description="state the target distribution in the prompt (the baseline)")
     max_contexts: int | None = Field(None, gt=0, description="estimate the first N contexts only")
+    templates: list[str] | None = Field(
+        None,
+        description="attribute templates to sample (default: all, samples_per_context split over them); one template gets "
+        "all samples_per_context, the paper's per-template protocol. Metrics per template are logged either way",
+    )
     bootstrap_resamples: int = Field(1000, gt=0, description="bootstrap resamples of the MAE confidence interval")
     story_classifier: Literal["auto", "lexical", "judge"] = Field(
         "auto", description="stories: lexical word counts (gender only) or the LLM judge; auto = lexical for gender"

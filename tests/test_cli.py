@@ -113,6 +113,18 @@ BAD_INPUTS = {
     "--set without a value": ([*FT, "--set", "finetune.kl_weight"], {}, {}, "expected PATH=VALUE"),
     "--set outside the section": ([*FT, "--set", "kl_weight=2"], {}, {}, "unknown top-level key 'kl_weight'"),
     "--set a value that is not YAML": ([*FT, "--set", "finetune.templates=[a"], {}, {}, "the value is not valid YAML"),
+    "unknown training template": (
+        [*FT, "--set", "finetune.templates=[attribute_7]"],
+        {},
+        {},
+        "unknown attribute template 'attribute_7' for spec gender-uk-real; choose from attribute_0, attribute_1",
+    ),
+    "unknown estimate template": (
+        ["estimate", *UK, "--set", "estimate.templates=[v3]"],
+        {},
+        {},
+        "unknown attribute template 'v3' for spec gender-uk-real",
+    ),
     "--set a wrong type": (["compare", "--set", "finetune.kl_weight=high"], {}, {}, "finetune.kl_weight: Input should be a valid number"),
     "unknown loss mode": ([*FT, "--set", "finetune.loss_mode=ppo"], {}, {}, "loss_mode must be one of"),
     # environment

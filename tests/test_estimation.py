@@ -23,6 +23,14 @@ def test_plan_splits_samples_exactly(tiny_model_path):
     assert [r["with_readout"] for r in plan.requests] == [r["chunk"] == 0 for r in plan.requests]  # one per (context, template)
 
 
+def test_one_template_gets_all_samples(tiny_model_path):
+    """The paper's per-template protocol: with one template every context's samples come from it."""
+    spec = load_dataset("gender-us-real")
+    plan = plan_estimate(spec, EstimateConfig(model=tiny_model_path, samples_per_context=100, max_contexts=2, templates=["attribute_1"]))
+    assert {r["template"] for r in plan.requests} == {"attribute_1"}
+    assert [sum(r["n"] for r in plan.requests if r["context_index"] == o) for o in (0, 1)] == [100, 100]
+
+
 def test_transformers_engine_skips_the_readout_but_not_the_steering(tiny_model_path, tokenizer):
     from distalign_ray.generation.base import Request, SamplingSettings, SteeringSetup
     from distalign_ray.generation.hf_engine import HFEngine
@@ -65,6 +73,12 @@ def test_ray_data_estimate_counts_table_and_mlflow(ray_cluster, tiny_model_path,
         assert row[f"tags.{tag}"]
     assert row["tags.method"] == "zero-shot" and row["tags.estimator"] == "sample"
     assert row["metrics.cut_rate"] == pytest.approx(result.cut_rate)
+    # Both templates pooled in `mae`, and scored alone (the paper's protocol) under their names
+    assert {f"metrics.attribute_{t}/{m}" for t in (0, 1) for m in ("mae", "mae_ci_low", "mae_ci_high", "unmatched_rate")} <= set(
+        runs.columns
+    )
+    per_template = [row[f"metrics.attribute_{t}/unmatched_rate"] for t in (0, 1)]
+    assert sum(per_template) / 2 == pytest.approx(result.report.unmatched_rate, abs=0.1)
     artifacts = {a.path for a in mlflow.tracking.MlflowClient().list_artifacts(row["run_id"])}
     assert {"samples.parquet", "per_context.csv", "per_context.json", "distribution.png"} <= artifacts
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from distalign_ray.data.specs import DistributionSpec
+from distalign_ray.errors import DistalignError
 
 TASKS = ("attribute", "story")
 
@@ -74,7 +75,11 @@ def build_prompts(
     spec: DistributionSpec, task: str = "attribute", templates: list[str] | None = None, state_target: bool = False
 ) -> list[PromptRow]:
     """One row per context x template, in context order."""
-    chosen = templates or template_ids(spec, task)
+    known = template_ids(spec, task)
+    chosen = templates or known
+    unknown = [t for t in chosen if t not in known]
+    if unknown:
+        raise DistalignError(f"unknown {task} template {unknown[0]!r} for spec {spec.name}; choose from {', '.join(known)}")
     rows = []
     for index, context in enumerate(spec.contexts):
         for template_id in chosen:

@@ -64,7 +64,7 @@ def plan_estimate(spec: DistributionSpec, cfg: EstimateConfig) -> EstimatePlan:
         method = "prompt-engineering" if cfg.prompt_engineering else "zero-shot"
     total = cfg.samples_per_context or spec.samples_per_context
     requests = []
-    prompts = build_prompts(spec, cfg.task, state_target=cfg.prompt_engineering)
+    prompts = build_prompts(spec, cfg.task, cfg.templates, state_target=cfg.prompt_engineering)
     per_context_templates = len(prompts) // len(spec.contexts)
     for prompt_index, row in enumerate(prompts):
         prompt_ids = chat_prompt_ids(tokenizer, row)

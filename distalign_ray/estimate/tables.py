@@ -72,10 +72,33 @@ def summarize(plan: EstimatePlan, rows: list[dict], output_dir: Path):
     for o, label in zip(context_col, label_col):
         labels[o].append(-1 if label is None else index[label])
     report = distribution_report([np.array(l, dtype=int) for l in labels], targets, cfg.bootstrap_resamples, cfg.seed)
+    extra |= per_template_metrics(table, spec, cfg)
     if cfg.task != "attribute":  # answer-token readout is not defined for free-form stories
         return report, None, None, samples_path, extra
     diff = float(np.abs(report.estimates - readout).mean())
     return report, readout_rep, diff, samples_path, extra
+
+
+def per_template_metrics(table, spec: DistributionSpec, cfg: EstimateConfig) -> dict[str, float]:
+    """`<template>/<metric>` for each template of a table that holds several (the paper scores each alone)."""
+    templates = sorted(set(table.column("template").to_pylist()))
+    if len(templates) < 2:
+        return {}
+    index = {c: i for i, c in enumerate(spec.categories)}
+    rows = list(zip(table.column("template").to_pylist(), table.column("context_index").to_pylist(), table.column("label").to_pylist()))
+    out = {}
+    for template in templates:
+        labels = [[] for _ in spec.contexts]
+        for t, o, label in rows:
+            if t == template:
+                labels[o].append(-1 if label is None else index[label])
+        report = distribution_report([np.array(l, dtype=int) for l in labels], np.array(spec.targets), cfg.bootstrap_resamples, cfg.seed)
+        out |= {
+            f"{template}/{k}": v
+            for k, v in report.metrics().items()
+            if k in ("mae", "mae_ci_low", "mae_ci_high", "unmatched_rate", "noise_p_value")
+        }
+    return out
 
 
 def per_context_table(spec: DistributionSpec, report: DistributionReport, readout: DistributionReport | None) -> list[dict]:

@@ -9,6 +9,7 @@ from pathlib import Path
 from distalign_ray import storage
 from distalign_ray.adapters import read_adapter_meta
 from distalign_ray.config import FinetuneConfig
+from distalign_ray.data.prompts import build_prompts
 from distalign_ray.data.specs import DistributionSpec
 from distalign_ray.data.steering import prepare_steering_vocab
 from distalign_ray.errors import CheckFailed, DistalignError
@@ -34,6 +35,9 @@ def validate_finetune(spec: DistributionSpec, cfg: FinetuneConfig, output: str |
     output = check_output_dir(output)
     model_ref = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_ref)
+    plan_budget(cfg, spec)  # builds the training prompts: unknown templates fail here
+    if cfg.validation_templates:
+        build_prompts(spec, "attribute", cfg.validation_templates)
     if uses_steering(cfg):
         prepare_steering_vocab(tokenizer, spec.subset(cfg.max_contexts), cfg.steering_tokens)
     if cfg.init_adapter:
