@@ -1,7 +1,10 @@
-"""The comparison job: methods x datasets x tasks, one MLflow parent run with a child run per cell.
+"""The comparison job: datasets x seeds x methods x tasks x templates, one MLflow parent run with a
+child run per cell.
 
-Resumable: the parent run is found again by its name, finished cells (child runs with status
-FINISHED) are skipped, and trained adapters are reused from `<storage>/compare/<name>/`.
+Each seed trains every trained method once (finetune.seed) and samples every cell once (estimate.seed);
+the attribute task is scored per template, as the paper does. Resumable: the parent run is found
+again by its name, finished cells (child runs with status FINISHED) are skipped, and trained adapters
+are reused from `<storage>/compare/<name>/<dataset>/<method>/seed-<seed>`.
 """
 
 from __future__ import annotations
@@ -15,25 +18,29 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from distalign_ray import storage
 from distalign_ray.config import EstimateConfig, FinetuneConfig
+from distalign_ray.data.prompts import template_ids
 from distalign_ray.data.specs import load_dataset
 from distalign_ray.errors import DistalignError
 from distalign_ray.methods import Method, get_methods
 from distalign_ray.paths import home_dir
 
-RESULT_COLUMNS = (
-    "dataset",
-    "task",
-    "method",
+# One row per cell: dataset x task x template x method x seed (results.csv).
+CELL_COLUMNS = ("dataset", "task", "template", "method", "seed", "samples")
+METRIC_COLUMNS = (
     "mae",
     "mae_ci_low",
     "mae_ci_high",
+    "mae_debiased",
     "kl",
     "js",
     "unmatched_rate",
+    "cut_rate",
     "noise_floor_mae",
     "noise_p_value",
     "readout_mae",
 )
+RESULT_COLUMNS = CELL_COLUMNS + METRIC_COLUMNS
+POOLED = "pooled"  # the template column of a cell that pools the attribute templates
 
 
 class CompareConfig(BaseModel):
@@ -45,6 +52,17 @@ class CompareConfig(BaseModel):
     datasets: list[str] = Field(default_factory=lambda: ["gender-uk-real", "gender-us-real"], description="built-in dataset names")
     methods: list[str] | None = Field(None, description="default: every method in the registry")
     tasks: list[str] = Field(default_factory=lambda: ["attribute"], description="attribute and/or story")
+    seeds: list[int] = Field(
+        default_factory=lambda: [0, 1, 2],
+        min_length=1,
+        description="one training run per trained method (as finetune.seed) and one sample per cell (as estimate.seed) "
+        "for each; tables give the mean and sd over seeds",
+    )
+    per_template: bool = Field(
+        True,
+        description="attribute task: score each attribute template alone with samples_per_context samples (the paper's "
+        "protocol); false pools the templates, splitting the samples",
+    )
     finetune: FinetuneConfig = Field(
         default_factory=FinetuneConfig, description="fine-tuning settings of every trained method (loss_mode set per method)"
     )
@@ -56,8 +74,13 @@ class CompareConfig(BaseModel):
     lm_eval_tasks: list[str] = Field(default_factory=list, description="optional lm-eval tasks (needs lm-eval and its data)")
 
 
-def cell_key(dataset: str, method: str, task: str) -> str:
-    return f"{dataset}|{method}|{task}"
+def cell_key(dataset: str, method: str, task: str, template: str, seed: int) -> str:
+    return f"{dataset}|{method}|{task}|{template}|seed-{seed}"
+
+
+def cell_templates(spec, task: str, per_template: bool) -> list[str]:
+    """The templates scored one by one, or [POOLED] (the story task has one template)."""
+    return template_ids(spec, "attribute") if task == "attribute" and per_template else [POOLED]
 
 
 def _parent_run(name: str):
@@ -84,8 +107,8 @@ def finished_cells(parent_id: str) -> dict[str, str]:
     return {r.data.tags["cell"]: r.info.run_id for r in runs}
 
 
-def _train(method: Method, dataset: str, cfg: CompareConfig, adapters: str, spec) -> str:
-    """Train `method` on `dataset` unless its adapter already exists (a child run per training)."""
+def _train(method: Method, dataset: str, seed: int, cfg: CompareConfig, adapters: str, spec) -> str:
+    """Train `method` on `dataset` with `seed` unless its adapter already exists (a child run per training)."""
     import mlflow
     import ray
 
@@ -94,16 +117,16 @@ def _train(method: Method, dataset: str, cfg: CompareConfig, adapters: str, spec
     from distalign_ray.tracking.mlflow_store import log_params, start_run
     from distalign_ray.training.finetune import log_finetune_result, run_finetune
 
-    output = storage.join(adapters, dataset, method.name)
+    output = storage.join(adapters, dataset, method.name, f"seed-{seed}")
     if storage.is_complete_folder(output) and storage.exists(storage.join(output, "adapter_config.json")):
         return output
-    update = {"loss_mode": method.name}
+    update = {"loss_mode": method.name, "seed": seed}
     if method.init_from:
-        update["init_adapter"] = storage.join(adapters, dataset, method.init_from)
+        update["init_adapter"] = storage.join(adapters, dataset, method.init_from, f"seed-{seed}")
     ft = cfg.finetune.model_copy(update=update)
-    tags = {"kind": "train", "dataset": dataset, "method": method.name, "model": ft.model, "compare": cfg.name}
-    description = f"Comparison '{cfg.name}': training {method.name} ({method.description}) on {dataset}"
-    with start_run(f"train:{method.name}:{dataset}", description, tags=tags, nested=True) as run:
+    tags = {"kind": "train", "dataset": dataset, "method": method.name, "model": ft.model, "compare": cfg.name, "seed": str(seed)}
+    description = f"Comparison '{cfg.name}': training {method.name} ({method.description}) on {dataset}, seed {seed}"
+    with start_run(f"train:{method.name}:{dataset}:seed-{seed}", description, tags=tags, nested=True) as run:
         log_params(ft.model_dump())
         result = run_finetune(spec, ft, output, mlflow_run_id=run.info.run_id)
         log_finetune_result(result, ft)  # a cell records its binding check; the comparison table shows it
@@ -159,24 +182,30 @@ def run_compare(cfg: CompareConfig, console=None, report: str | Path | None = No
             )
         done = finished_cells(parent.info.run_id)
         for dataset, spec in specs.items():
-            for method in methods:
-                adapter = _train(method, dataset, cfg, adapters, spec) if method.trained else None
-                for task in cfg.tasks:
-                    key = cell_key(dataset, method.name, task)
-                    if key in done:
-                        console.print(f"skip {key} (finished in run {done[key]})")
-                        continue
-                    console.rule(key)
-                    est = cfg.estimate.model_copy(
-                        update={
-                            "model": cfg.finetune.model,
-                            "adapter": str(adapter) if adapter else None,
-                            "task": task,
-                            "prompt_engineering": method.prompt_engineering,
-                        }
-                    )
-                    tags = {"kind": "estimate", "cell": key, "compare": cfg.name, "method": method.name}
-                    run_estimate(spec, est, tags=tags, run_name=f"{method.name}:{dataset}:{task}")
+            for seed in cfg.seeds:
+                for method in methods:
+                    adapter = _train(method, dataset, seed, cfg, adapters, spec) if method.trained else None
+                    for task in cfg.tasks:
+                        for template in cell_templates(spec, task, cfg.per_template):
+                            key = cell_key(dataset, method.name, task, template, seed)
+                            if key in done:
+                                console.print(f"skip {key} (finished in run {done[key]})")
+                                continue
+                            console.rule(key)
+                            est = cfg.estimate.model_copy(
+                                update={
+                                    "model": cfg.finetune.model,
+                                    "adapter": str(adapter) if adapter else None,
+                                    "task": task,
+                                    "templates": None if template == POOLED else [template],
+                                    "prompt_engineering": method.prompt_engineering,
+                                    "seed": seed,
+                                }
+                            )
+                            samples = est.samples_per_context or spec.samples_per_context
+                            tags = {"kind": "estimate", "cell": key, "compare": cfg.name, "method": method.name}
+                            tags |= {"template": template, "seed": str(seed), "samples": str(samples)}
+                            run_estimate(spec, est, tags=tags, run_name=f"{method.name}:{dataset}:{task}:{template}:seed-{seed}")
         rows = collect_results(parent.info.run_id)
         write_results(rows, home_dir() / "compare" / cfg.name / "results")
         mlflow.log_artifacts(str(home_dir() / "compare" / cfg.name / "results"), artifact_path="results")
@@ -196,24 +225,58 @@ def collect_results(parent_id: str) -> list[dict]:
     )
     rows = []
     for run in runs:
-        dataset, method, task = run.data.tags["cell"].split("|")
-        row = {"dataset": dataset, "task": task, "method": method}
-        row.update({k: run.data.metrics.get(k, math.nan) for k in RESULT_COLUMNS[3:]})
+        tags = run.data.tags
+        row = {"dataset": tags["dataset"], "task": tags["task"], "template": tags["template"], "method": tags["method"]}
+        row |= {"seed": int(tags["seed"]), "samples": int(tags["samples"])}
+        row.update({k: run.data.metrics.get(k, math.nan) for k in METRIC_COLUMNS})
         rows.append(row)
     names = [m.name for m in get_methods(None)]
-    return sorted(rows, key=lambda r: (r["dataset"], r["task"], names.index(r["method"]) if r["method"] in names else len(names)))
+    order = {name: i for i, name in enumerate(names)}
+    return sorted(rows, key=lambda r: (r["dataset"], r["task"], r["template"], order.get(r["method"], len(names)), r["seed"]))
+
+
+def over_seeds(rows: list[dict]) -> list[dict]:
+    """One row per dataset x task x template x method: MAE mean and sd over seeds, the other metrics' means,
+    and each seed's MAE with its interval."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["task"], r["template"], r["method"]), []).append(r)
+    out = []
+    for (dataset, task, template, method), cells in groups.items():
+        maes = np.array([c["mae"] for c in cells])
+        readouts = [c["readout_mae"] for c in cells if c["readout_mae"] is not None and not math.isnan(c["readout_mae"])]
+        out.append(
+            {
+                "dataset": dataset,
+                "task": task,
+                "template": template,
+                "method": method,
+                "seeds": len(cells),
+                "mae_mean": float(maes.mean()),
+                "mae_sd": float(maes.std(ddof=1)) if len(cells) > 1 else math.nan,
+                "per_seed": [(c["seed"], c["mae"], c["mae_ci_low"], c["mae_ci_high"]) for c in cells],
+                "unmatched_rate": float(np.mean([c["unmatched_rate"] for c in cells])),
+                "cut_rate": float(np.mean([c["cut_rate"] for c in cells])),
+                "noise_floor_mae": float(np.mean([c["noise_floor_mae"] for c in cells])),
+                "noise_p_value": float(np.max([c["noise_p_value"] for c in cells])),
+                "readout_mae": float(np.mean(readouts)) if readouts else math.nan,
+            }
+        )
+    return out
 
 
 def results_markdown(rows: list[dict]) -> str:
     lines = [
-        "| dataset | task | method | MAE (95% CI) | KL | JS | unmatched | noise floor (p) | readout MAE |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| dataset | task | template | method | MAE mean ± sd (seeds) | MAE per seed (95% CI) | unmatched | cut | noise floor (max p) | readout MAE |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        readout = "" if r["readout_mae"] is None or math.isnan(r["readout_mae"]) else f"{r['readout_mae']:.3f}"
+    for r in over_seeds(rows):
+        readout = "" if math.isnan(r["readout_mae"]) else f"{r['readout_mae']:.3f}"
+        spread = "" if math.isnan(r["mae_sd"]) else f" ± {r['mae_sd']:.3f}"
+        per_seed = "; ".join(f"s{seed}: {m:.3f} ({lo:.3f}–{hi:.3f})" for seed, m, lo, hi in r["per_seed"])
         lines.append(
-            f"| {r['dataset']} | {r['task']} | {r['method']} | {r['mae']:.3f} ({r['mae_ci_low']:.3f}–{r['mae_ci_high']:.3f}) | "
-            f"{r['kl']:.3f} | {r['js']:.3f} | {r['unmatched_rate']:.1%} | {r['noise_floor_mae']:.3f} ({r['noise_p_value']:.2f}) | {readout} |"
+            f"| {r['dataset']} | {r['task']} | {r['template']} | {r['method']} | {r['mae_mean']:.3f}{spread} ({r['seeds']}) | {per_seed} | "
+            f"{r['unmatched_rate']:.1%} | {r['cut_rate']:.1%} | {r['noise_floor_mae']:.3f} ({r['noise_p_value']:.2f}) | {readout} |"
         )
     return "\n".join(lines)
 
@@ -241,32 +304,42 @@ def results_document(rows: list[dict], cfg: CompareConfig, seconds: float) -> st
         "## Budget",
         "",
         f"- model: `{ft.model}`; datasets: {', '.join(cfg.datasets)}; tasks: {', '.join(cfg.tasks)}",
-        f"- samples per context: {est.samples_per_context or 'spec default'}; contexts: {est.max_contexts or 'all'}; "
+        f"- seeds: {', '.join(map(str, cfg.seeds))} (each: one training per trained method, one sample per cell); "
+        f"attribute templates {'scored one by one' if cfg.per_template else 'pooled'}",
+        f"- samples per context{' and template' if cfg.per_template else ''}: {est.samples_per_context or 'spec default'}; "
+        f"contexts: {est.max_contexts or 'all'}; "
         f"estimator: {est.estimator}; decoding T={est.temperature}, top-p={est.top_p}, top-k off, identical for every method",
         f"- training: SFT {ft.sft_epochs} epochs (steering methods), {ft.epochs} epochs of the method's own loss, "
         f"lr {ft.lr}, LoRA r={ft.lora.r}, {ft.num_workers} Ray Train workers",
         f"- wall time of this invocation: {seconds / 60:.1f} min on 2 CPU cores",
         "",
-        "## Results (MAE with 95% bootstrap CI)",
+        "## Results (MAE mean ± sd over seeds; each seed's MAE with its 95% basic bootstrap interval)",
         "",
         results_markdown(rows),
         "",
         "## Beside the paper",
         "",
-        "| dataset | task | ours: best method (MAE) | ours: hybrid | paper (proposed method) |",
+        "| dataset | task | ours: best method (mean MAE over templates and seeds) | ours: hybrid | paper (proposed method) |",
         "|---|---|---|---|---|",
     ]
-    for dataset, task in sorted({(r["dataset"], r["task"]) for r in rows}):
-        cells = [r for r in rows if r["dataset"] == dataset and r["task"] == task]
-        best = min(cells, key=lambda r: r["mae"])
-        hybrid = next((f"{r['mae']:.3f}" for r in cells if r["method"] == "hybrid"), "—")
+    for (dataset, task), by_method in mean_by_method(rows).items():
+        best = min(by_method, key=by_method.get)
+        hybrid = f"{by_method['hybrid']:.3f}" if "hybrid" in by_method else "—"
         paper = PAPER_REFERENCE_MAE.get((dataset, task))
-        lines.append(f"| {dataset} | {task} | {best['method']} ({best['mae']:.3f}) | {hybrid} | {paper if paper else '—'} |")
+        lines.append(f"| {dataset} | {task} | {best} ({by_method[best]:.3f}) | {hybrid} | {paper if paper else '—'} |")
     return "\n".join(lines) + "\n"
 
 
+def mean_by_method(rows: list[dict]) -> dict[tuple[str, str], dict[str, float]]:
+    """(dataset, task) -> method -> MAE averaged over templates and seeds."""
+    sums: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for r in rows:
+        sums.setdefault((r["dataset"], r["task"]), {}).setdefault(r["method"], []).append(r["mae"])
+    return {key: {m: float(np.mean(v)) for m, v in methods.items()} for key, methods in sorted(sums.items())}
+
+
 def write_results(rows: list[dict], folder: Path) -> None:
-    """results.csv, results.md and a heatmap of MAE (methods x datasets) per task."""
+    """results.csv (one row per cell), results.md (over seeds) and a heatmap of MAE (methods x datasets) per task."""
     import csv
 
     from distalign_ray.evaluation.plots import plot_heatmap
@@ -277,11 +350,13 @@ def write_results(rows: list[dict], folder: Path) -> None:
         writer.writeheader()
         writer.writerows(rows)
     (folder / "results.md").write_text(results_markdown(rows) + "\n")
-    for task in sorted({r["task"] for r in rows}):
-        cells = [r for r in rows if r["task"] == task]
-        datasets = sorted({r["dataset"] for r in cells})
-        methods = [m.name for m in get_methods(None) if any(r["method"] == m.name for r in cells)]
+    means = mean_by_method(rows)
+    for task in sorted({task for _, task in means}):
+        datasets = sorted({dataset for dataset, t in means if t == task})
+        methods = [m.name for m in get_methods(None) if any(m.name in means[(d, task)] for d in datasets)]
         grid = np.full((len(methods), len(datasets)), np.nan)
-        for r in cells:
-            grid[methods.index(r["method"]), datasets.index(r["dataset"])] = r["mae"]
-        plot_heatmap(grid, methods, datasets, f"MAE by method and dataset ({task} task)", folder / f"heatmap_{task}.png")
+        for d in datasets:
+            for method, value in means[(d, task)].items():
+                grid[methods.index(method), datasets.index(d)] = value
+        title = f"MAE by method and dataset ({task} task; mean over templates and seeds)"
+        plot_heatmap(grid, methods, datasets, title, folder / f"heatmap_{task}.png")

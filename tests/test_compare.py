@@ -20,41 +20,33 @@ def test_registry_pulls_in_what_a_method_starts_from():
         get_methods(["rlhf"])
 
 
+def _cell(method: str, seed: int, mae: float, **metrics) -> dict:
+    row = {"dataset": "d1", "task": "attribute", "template": "attribute_0", "method": method, "seed": seed, "samples": 100}
+    row |= {"mae": mae, "mae_ci_low": mae - 0.02, "mae_ci_high": mae + 0.02, "mae_debiased": mae - 0.01, "kl": 0.05, "js": 0.01}
+    return (
+        row | {"unmatched_rate": 0.02, "cut_rate": 0.0, "noise_floor_mae": 0.05, "noise_p_value": 0.31, "readout_mae": math.nan} | metrics
+    )
+
+
 def test_results_writer(tmp_path):
     rows = [
-        {
-            "dataset": "d1",
-            "task": "attribute",
-            "method": "zero-shot",
-            "mae": 0.3,
-            "mae_ci_low": 0.25,
-            "mae_ci_high": 0.35,
-            "kl": 0.4,
-            "js": 0.1,
-            "unmatched_rate": 0.5,
-            "noise_floor_mae": 0.05,
-            "noise_p_value": 0.0,
-            "readout_mae": 0.2,
-        },
-        {
-            "dataset": "d1",
-            "task": "attribute",
-            "method": "hybrid",
-            "mae": 0.1,
-            "mae_ci_low": 0.08,
-            "mae_ci_high": 0.12,
-            "kl": 0.05,
-            "js": 0.01,
-            "unmatched_rate": 0.02,
-            "noise_floor_mae": 0.05,
-            "noise_p_value": 0.31,
-            "readout_mae": math.nan,
-        },
+        _cell("zero-shot", 0, 0.3, readout_mae=0.2, noise_p_value=0.0),
+        _cell("zero-shot", 1, 0.32, readout_mae=0.2, noise_p_value=0.0),
+        _cell("hybrid", 0, 0.1),
+        _cell("hybrid", 1, 0.12),
+        _cell("hybrid", 2, 0.08, noise_p_value=0.5),
     ]
     write_results(rows, tmp_path)
     markdown = (tmp_path / "results.md").read_text()
-    assert "| d1 | attribute | hybrid | 0.100 (0.080–0.120) | 0.050 | 0.010 | 2.0% | 0.050 (0.31) |  |" in markdown
-    assert (tmp_path / "results.csv").read_text().splitlines()[0].startswith("dataset,task,method,mae")
+    # mean ± sd over seeds beside each seed's interval
+    assert (
+        "| d1 | attribute | attribute_0 | hybrid | 0.100 ± 0.020 (3) | s0: 0.100 (0.080–0.120); s1: 0.120 (0.100–0.140); "
+        "s2: 0.080 (0.060–0.100) | 2.0% | 0.0% | 0.050 (0.50) |  |" in markdown
+    )
+    assert "| d1 | attribute | attribute_0 | zero-shot | 0.310 ± 0.014 (2) |" in markdown
+    csv_lines = (tmp_path / "results.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("dataset,task,template,method,seed,samples,mae,mae_ci_low,mae_ci_high")
+    assert len(csv_lines) == 6
     assert (tmp_path / "heatmap_attribute.png").stat().st_size > 1000
     assert results_markdown(rows).count("\n") == 3
 
@@ -67,21 +59,23 @@ def test_every_method_trains_and_estimates_and_rerun_resumes(ray_cluster, tiny_m
         finetune={"model": tiny_model_path, "num_workers": 0, "epochs": 1, "sft_epochs": 1, "max_contexts": 2, "answers_per_context": 8},
         estimate={"samples_per_context": 4, "max_contexts": 2, "max_new_tokens": 3, "num_actors": 1},
         capability=True,
+        seeds=[0],
     )
     rows = run_compare(cfg)
-    assert sorted(r["method"] for r in rows) == sorted(METHODS)
+    assert sorted(r["method"] for r in rows) == sorted(m for m in METHODS for _ in range(2))  # one row per template
+    assert {(r["template"], r["seed"], r["samples"]) for r in rows} == {("attribute_0", 0, 4), ("attribute_1", 0, 4)}
     runs = mlflow.search_runs(experiment_names=["distalign"])
     parent = runs[runs["tags.job"] == "compare"]
     assert len(parent) == 1
     children = runs[runs["tags.mlflow.parentRunId"] == parent.iloc[0]["run_id"]]
-    assert (children["tags.kind"] == "estimate").sum() == 7 and (children["tags.kind"] == "train").sum() == 5
+    assert (children["tags.kind"] == "estimate").sum() == 14 and (children["tags.kind"] == "train").sum() == 5
     trained = children[children["tags.kind"] == "train"]
     assert trained["metrics.perplexity_adapted"].notna().all() and trained["metrics.kl_from_base"].notna().all()
     dpo_params = mlflow.get_run(trained[trained["tags.method"] == "dpo"].iloc[0]["run_id"]).data.params
-    assert dpo_params["init_adapter"].endswith("gender-us-real/ift")
+    assert dpo_params["init_adapter"].endswith("gender-us-real/ift/seed-0") and dpo_params["seed"] == "0"
     artifacts = {a.path for a in mlflow.tracking.MlflowClient().list_artifacts(parent.iloc[0]["run_id"], "results")}
     assert {"results/results.csv", "results/results.md", "results/heatmap_attribute.png"} <= artifacts
 
     again = run_compare(cfg)  # everything finished: nothing is trained or estimated again
     assert len(mlflow.search_runs(experiment_names=["distalign"])) == len(runs)
-    assert sorted(r["method"] for r in again) == sorted(METHODS)
+    assert again == rows

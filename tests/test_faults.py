@@ -171,15 +171,15 @@ def test_ctrl_c_in_a_compare_cell_then_resume(tiny_run_settings, tmp_path):
     ray_tmpdir = f"/tmp/rf{secrets.token_hex(3)}"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = _env(tmp_path, ray_tmpdir, uri)
-    config = {"name": "faults", "datasets": ["gender-us-real"], "methods": ["hybrid"], **tiny_run_settings()}
+    config = {"name": "faults", "datasets": ["gender-us-real"], "methods": ["hybrid"], "seeds": [0], **tiny_run_settings()}
     (tmp_path / "compare.yaml").write_text(yaml.safe_dump(config))
     argv = ["compare", "--config", str(tmp_path / "compare.yaml")]
     adapters = tmp_path / "home" / "compare" / "faults"
     try:
         # Ctrl-C while the cell trains, then SIGTERM (`ray job stop`, kill) while it estimates.
         for marker, stage_run, how in (
-            ("Started training worker group", "train:hybrid:gender-us-real", "ctrl-c"),
-            ("Starting execution of Dataset", "hybrid:gender-us-real:attribute", "sigterm"),
+            ("Started training worker group", "train:hybrid:gender-us-real:seed-0", "ctrl-c"),
+            ("Starting execution of Dataset", "hybrid:gender-us-real:attribute:attribute_0:seed-0", "sigterm"),
         ):
             command = Command(argv, env)
             command.wait_for(marker)
@@ -191,12 +191,12 @@ def test_ctrl_c_in_a_compare_cell_then_resume(tiny_run_settings, tmp_path):
             assert "RUNNING" not in statuses.values(), statuses
             _no_partial_files(tmp_path / "home")
         # The adapter trained before the second interrupt is whole and reused; the rerun resumes and finishes.
-        assert (adapters / "gender-us-real" / "hybrid" / "adapter_model.safetensors").is_file()
+        assert (adapters / "gender-us-real" / "hybrid" / "seed-0" / "adapter_model.safetensors").is_file()
         rc, out, err = Command(argv, env).finish()
         assert rc == 0, (out[-3000:], err[-3000:])
         assert "resuming comparison 'faults'" in out
         runs = mlflow.search_runs(experiment_names=["distalign"], output_format="list")
-        trains = [r.info.status for r in runs if r.info.run_name == "train:hybrid:gender-us-real"]
+        trains = [r.info.status for r in runs if r.info.run_name == "train:hybrid:gender-us-real:seed-0"]
         assert sorted(trains) == ["FINISHED", "KILLED"]  # not retrained after the estimate's interrupt
         assert {r.info.status for r in runs if r.info.run_name == "compare-faults"} == {"FINISHED"}
     finally:
