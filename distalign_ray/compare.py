@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from distalign_ray import storage
 from distalign_ray.config import EstimateConfig, FinetuneConfig
-from distalign_ray.data.prompts import template_ids
+from distalign_ray.data.prompts import held_out_ids, template_ids
 from distalign_ray.data.specs import load_dataset
 from distalign_ray.errors import DistalignError
 from distalign_ray.methods import Method, get_methods
@@ -79,8 +79,11 @@ def cell_key(dataset: str, method: str, task: str, template: str, seed: int) -> 
 
 
 def cell_templates(spec, task: str, per_template: bool) -> list[str]:
-    """The templates scored one by one, or [POOLED] (the story task has one template)."""
-    return template_ids(spec, "attribute") if task == "attribute" and per_template else [POOLED]
+    """The templates scored one by one (the spec's held-out paraphrases last: generalisation), or
+    [POOLED] (the story task has one template)."""
+    if task != "attribute" or not per_template:
+        return [POOLED]
+    return template_ids(spec, "attribute") + held_out_ids(spec)
 
 
 def _parent_run(name: str):

@@ -119,6 +119,12 @@ BAD_INPUTS = {
         {},
         "unknown attribute template 'attribute_7' for spec gender-uk-real; choose from attribute_0, attribute_1",
     ),
+    "training on a held-out template": (
+        [*FT, "--set", "finetune.templates=[attribute_0, held_out_0]"],
+        {},
+        {},
+        "held-out templates (held_out_0) are never trained on",
+    ),
     "unknown estimate template": (
         ["estimate", *UK, "--set", "estimate.templates=[v3]"],
         {},

@@ -62,13 +62,14 @@ def test_every_method_trains_and_estimates_and_rerun_resumes(ray_cluster, tiny_m
         seeds=[0],
     )
     rows = run_compare(cfg)
-    assert sorted(r["method"] for r in rows) == sorted(m for m in METHODS for _ in range(2))  # one row per template
-    assert {(r["template"], r["seed"], r["samples"]) for r in rows} == {("attribute_0", 0, 4), ("attribute_1", 0, 4)}
+    assert sorted(r["method"] for r in rows) == sorted(m for m in METHODS for _ in range(3))  # one row per template
+    templates = {("attribute_0", 0, 4), ("attribute_1", 0, 4), ("held_out_0", 0, 4)}  # the paraphrase no method trained on
+    assert {(r["template"], r["seed"], r["samples"]) for r in rows} == templates
     runs = mlflow.search_runs(experiment_names=["distalign"])
     parent = runs[runs["tags.job"] == "compare"]
     assert len(parent) == 1
     children = runs[runs["tags.mlflow.parentRunId"] == parent.iloc[0]["run_id"]]
-    assert (children["tags.kind"] == "estimate").sum() == 14 and (children["tags.kind"] == "train").sum() == 5
+    assert (children["tags.kind"] == "estimate").sum() == 21 and (children["tags.kind"] == "train").sum() == 5
     trained = children[children["tags.kind"] == "train"]
     assert trained["metrics.perplexity_adapted"].notna().all() and trained["metrics.kl_from_base"].notna().all()
     dpo_params = mlflow.get_run(trained[trained["tags.method"] == "dpo"].iloc[0]["run_id"]).data.params

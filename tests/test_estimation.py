@@ -23,12 +23,20 @@ def test_plan_splits_samples_exactly(tiny_model_path):
     assert [r["with_readout"] for r in plan.requests] == [r["chunk"] == 0 for r in plan.requests]  # one per (context, template)
 
 
-def test_one_template_gets_all_samples(tiny_model_path):
-    """The paper's per-template protocol: with one template every context's samples come from it."""
+@pytest.mark.parametrize("template", ["attribute_1", "held_out_0"])
+def test_one_template_gets_all_samples(tiny_model_path, tokenizer, template):
+    """The paper's per-template protocol: with one template every context's samples come from it; the
+    held-out paraphrase (never trained on) is estimated only when asked for."""
+    from distalign_ray.data.prompts import build_prompts, chat_prompt_ids
+
     spec = load_dataset("gender-us-real")
-    plan = plan_estimate(spec, EstimateConfig(model=tiny_model_path, samples_per_context=100, max_contexts=2, templates=["attribute_1"]))
-    assert {r["template"] for r in plan.requests} == {"attribute_1"}
+    plan = plan_estimate(spec, EstimateConfig(model=tiny_model_path, samples_per_context=100, max_contexts=2, templates=[template]))
+    assert {r["template"] for r in plan.requests} == {template}
     assert [sum(r["n"] for r in plan.requests if r["context_index"] == o) for o in (0, 1)] == [100, 100]
+    prompt = chat_prompt_ids(tokenizer, build_prompts(spec, "attribute", [template])[0])
+    assert plan.requests[0]["prompt_ids"] == prompt
+    default = plan_estimate(spec, EstimateConfig(model=tiny_model_path, max_contexts=2))
+    assert {r["template"] for r in default.requests} == {"attribute_0", "attribute_1"}
 
 
 def test_transformers_engine_skips_the_readout_but_not_the_steering(tiny_model_path, tokenizer):

@@ -57,7 +57,11 @@ def render(spec: DistributionSpec, template: str, context_index: int, state_targ
     return text
 
 
+HELD_OUT = "held_out"
+
+
 def template_ids(spec: DistributionSpec, task: str) -> list[str]:
+    """The templates a task trains and is estimated on by default (held-out paraphrases excluded)."""
     if task == "attribute":
         return [f"attribute_{i}" for i in range(len(spec.templates.attribute))]
     if task == "story":
@@ -65,18 +69,24 @@ def template_ids(spec: DistributionSpec, task: str) -> list[str]:
     raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
 
 
+def held_out_ids(spec: DistributionSpec) -> list[str]:
+    """The attribute paraphrases no method trains on (estimated when asked for by id)."""
+    return [f"{HELD_OUT}_{i}" for i in range(len(spec.templates.held_out))]
+
+
 def template_text(spec: DistributionSpec, template_id: str) -> str:
     if template_id == "story":
         return spec.templates.story
-    return spec.templates.attribute[int(template_id.split("_")[1])]
+    kind, _, index = template_id.rpartition("_")
+    return (spec.templates.held_out if kind == HELD_OUT else spec.templates.attribute)[int(index)]
 
 
 def build_prompts(
     spec: DistributionSpec, task: str = "attribute", templates: list[str] | None = None, state_target: bool = False
 ) -> list[PromptRow]:
     """One row per context x template, in context order."""
-    known = template_ids(spec, task)
-    chosen = templates or known
+    chosen = templates or template_ids(spec, task)
+    known = template_ids(spec, task) + (held_out_ids(spec) if task == "attribute" else [])
     unknown = [t for t in chosen if t not in known]
     if unknown:
         raise DistalignError(f"unknown {task} template {unknown[0]!r} for spec {spec.name}; choose from {', '.join(known)}")

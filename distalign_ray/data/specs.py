@@ -39,10 +39,14 @@ class Templates(_Strict):
     prompt-engineering suffix may also use {target} (the target stated in words)."""
 
     attribute: list[str] = Field(min_length=1, description="attribute-generation templates (v1, v2, ...)")
+    held_out: list[str] = Field(
+        default_factory=list,
+        description="paraphrases of the attribute question that no method trains on, scored as generalisation (optional)",
+    )
     story: str = Field(description="story-generation template (v3)")
     prompt_engineering: str = Field(description="suffix appended to a prompt that states the target")
 
-    @field_validator("attribute")
+    @field_validator("attribute", "held_out")
     @classmethod
     def _check_attribute(cls, value: list[str]) -> list[str]:
         for template in value:

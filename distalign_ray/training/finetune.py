@@ -9,7 +9,7 @@ from pathlib import Path
 from distalign_ray import storage
 from distalign_ray.adapters import read_adapter_meta
 from distalign_ray.config import FinetuneConfig
-from distalign_ray.data.prompts import build_prompts
+from distalign_ray.data.prompts import build_prompts, held_out_ids
 from distalign_ray.data.specs import DistributionSpec
 from distalign_ray.data.steering import prepare_steering_vocab
 from distalign_ray.errors import CheckFailed, DistalignError
@@ -35,6 +35,10 @@ def validate_finetune(spec: DistributionSpec, cfg: FinetuneConfig, output: str |
     output = check_output_dir(output)
     model_ref = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_ref)
+    if any(t in held_out_ids(spec) for t in cfg.templates or []):
+        raise DistalignError(
+            f"held-out templates ({', '.join(held_out_ids(spec))}) are never trained on; leave them out of finetune.templates"
+        )
     plan_budget(cfg, spec)  # builds the training prompts: unknown templates fail here
     if cfg.validation_templates:
         build_prompts(spec, "attribute", cfg.validation_templates)
