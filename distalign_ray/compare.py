@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from distalign_ray import storage
 from distalign_ray.config import EstimateConfig, FinetuneConfig
-from distalign_ray.data.prompts import held_out_ids, template_ids
+from distalign_ray.data.prompts import build_prompts, held_out_ids, template_ids
 from distalign_ray.data.specs import load_dataset
 from distalign_ray.errors import DistalignError
 from distalign_ray.methods import Method, get_methods
@@ -39,7 +40,7 @@ METRIC_COLUMNS = (
     "noise_p_value",
     "readout_mae",
 )
-RESULT_COLUMNS = CELL_COLUMNS + METRIC_COLUMNS
+RESULT_COLUMNS = CELL_COLUMNS + METRIC_COLUMNS + ("trained_on",)
 POOLED = "pooled"  # the template column of a cell that pools the attribute templates
 
 
@@ -58,6 +59,12 @@ class CompareConfig(BaseModel):
         description="one training run per trained method (as finetune.seed) and one sample per cell (as estimate.seed) "
         "for each; tables give the mean and sd over seeds",
     )
+    cross_country: dict[str, str] = Field(
+        default_factory=lambda: {"gender-uk-real": "gender-us-real", "gender-uk-even": "gender-us-even"},
+        description="the paper's cross-country test: adapters trained on a key dataset (when compared) are also estimated "
+        "on the value dataset's cross_country_template prompts against its targets (task column: cross-country)",
+    )
+    cross_country_template: str = Field("attribute_1", description="the template of the cross-country cells (the paper's v2)")
     per_template: bool = Field(
         True,
         description="attribute task: score each attribute template alone with samples_per_context samples (the paper's "
@@ -74,8 +81,45 @@ class CompareConfig(BaseModel):
     lm_eval_tasks: list[str] = Field(default_factory=list, description="optional lm-eval tasks (needs lm-eval and its data)")
 
 
-def cell_key(dataset: str, method: str, task: str, template: str, seed: int) -> str:
-    return f"{dataset}|{method}|{task}|{template}|seed-{seed}"
+CROSS_COUNTRY = "cross-country"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One estimate of the comparison: `method` trained on `trained_on` (if it trains), estimated on `dataset`."""
+
+    trained_on: str
+    dataset: str
+    method: Method
+    task: str  # attribute, story, or cross-country (an attribute estimate on another dataset)
+    template: str
+    seed: int
+
+    @property
+    def where(self) -> str:
+        return self.dataset if self.trained_on == self.dataset else f"{self.trained_on}>{self.dataset}"
+
+    @property
+    def key(self) -> str:
+        return f"{self.where}|{self.method.name}|{self.task}|{self.template}|seed-{self.seed}"
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.method.name}:{self.where}:{self.task}:{self.template}:seed-{self.seed}"
+
+
+def plan_cells(cfg: CompareConfig, methods: list[Method], specs: dict) -> list[Cell]:
+    """Every cell, in run order: per dataset and seed, each method's cells right after its training."""
+    cells = []
+    for dataset, spec in specs.items():
+        for seed in cfg.seeds:
+            for method in methods:
+                for task in cfg.tasks:
+                    cells += [Cell(dataset, dataset, method, task, t, seed) for t in cell_templates(spec, task, cfg.per_template)]
+                abroad = cfg.cross_country.get(dataset)
+                if abroad and method.trained and "attribute" in cfg.tasks:
+                    cells.append(Cell(dataset, abroad, method, CROSS_COUNTRY, cfg.cross_country_template, seed))
+    return cells
 
 
 def cell_templates(spec, task: str, per_template: bool) -> list[str]:
@@ -147,6 +191,12 @@ def validate_compare(cfg: CompareConfig):
 
     methods = get_methods(cfg.methods)
     specs = {name: load_dataset(name) for name in cfg.datasets}
+    for source, target in cfg.cross_country.items():
+        if source in specs:
+            abroad = specs.get(target) or load_dataset(target)
+            if abroad.categories != specs[source].categories:
+                raise DistalignError(f"cross_country: {source} and {target} have different categories")
+            build_prompts(abroad, "attribute", [cfg.cross_country_template])
     unknown = [t for t in cfg.tasks if t not in TASKS]
     if unknown:
         raise DistalignError(f"unknown task {unknown[0]!r}; choose from {TASKS}")
@@ -184,31 +234,28 @@ def run_compare(cfg: CompareConfig, console=None, report: str | Path | None = No
                 | {"finetune": cfg.finetune.model_dump(), "estimate": cfg.estimate.model_dump()}
             )
         done = finished_cells(parent.info.run_id)
-        for dataset, spec in specs.items():
-            for seed in cfg.seeds:
-                for method in methods:
-                    adapter = _train(method, dataset, seed, cfg, adapters, spec) if method.trained else None
-                    for task in cfg.tasks:
-                        for template in cell_templates(spec, task, cfg.per_template):
-                            key = cell_key(dataset, method.name, task, template, seed)
-                            if key in done:
-                                console.print(f"skip {key} (finished in run {done[key]})")
-                                continue
-                            console.rule(key)
-                            est = cfg.estimate.model_copy(
-                                update={
-                                    "model": cfg.finetune.model,
-                                    "adapter": str(adapter) if adapter else None,
-                                    "task": task,
-                                    "templates": None if template == POOLED else [template],
-                                    "prompt_engineering": method.prompt_engineering,
-                                    "seed": seed,
-                                }
-                            )
-                            samples = est.samples_per_context or spec.samples_per_context
-                            tags = {"kind": "estimate", "cell": key, "compare": cfg.name, "method": method.name}
-                            tags |= {"template": template, "seed": str(seed), "samples": str(samples)}
-                            run_estimate(spec, est, tags=tags, run_name=f"{method.name}:{dataset}:{task}:{template}:seed-{seed}")
+        for cell in plan_cells(cfg, methods, specs):
+            method, seed = cell.method, cell.seed
+            adapter = _train(method, cell.trained_on, seed, cfg, adapters, specs[cell.trained_on]) if method.trained else None
+            if cell.key in done:
+                console.print(f"skip {cell.key} (finished in run {done[cell.key]})")
+                continue
+            console.rule(cell.key)
+            spec = specs.get(cell.dataset) or load_dataset(cell.dataset)
+            est = cfg.estimate.model_copy(
+                update={
+                    "model": cfg.finetune.model,
+                    "adapter": str(adapter) if adapter else None,
+                    "task": "attribute" if cell.task == CROSS_COUNTRY else cell.task,
+                    "templates": None if cell.template == POOLED else [cell.template],
+                    "prompt_engineering": method.prompt_engineering,
+                    "seed": seed,
+                }
+            )
+            tags = {"kind": "estimate", "cell": cell.key, "compare": cfg.name, "method": method.name, "task": cell.task}
+            tags |= {"template": cell.template, "seed": str(seed), "samples": str(est.samples_per_context or spec.samples_per_context)}
+            tags |= {"trained_on": cell.trained_on}
+            run_estimate(spec, est, tags=tags, run_name=cell.run_name)
         rows = collect_results(parent.info.run_id)
         write_results(rows, home_dir() / "compare" / cfg.name / "results")
         mlflow.log_artifacts(str(home_dir() / "compare" / cfg.name / "results"), artifact_path="results")
@@ -232,6 +279,7 @@ def collect_results(parent_id: str) -> list[dict]:
         row = {"dataset": tags["dataset"], "task": tags["task"], "template": tags["template"], "method": tags["method"]}
         row |= {"seed": int(tags["seed"]), "samples": int(tags["samples"])}
         row.update({k: run.data.metrics.get(k, math.nan) for k in METRIC_COLUMNS})
+        row["trained_on"] = tags.get("trained_on", tags["dataset"])
         rows.append(row)
     names = [m.name for m in get_methods(None)]
     order = {name: i for i, name in enumerate(names)}

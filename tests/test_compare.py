@@ -28,6 +28,29 @@ def _cell(method: str, seed: int, mae: float, **metrics) -> dict:
     )
 
 
+def test_cells_per_template_seed_and_cross_country():
+    from distalign_ray.compare import plan_cells, validate_compare
+
+    cfg = CompareConfig(datasets=["gender-uk-real"], methods=["zero-shot", "hybrid"], seeds=[0, 1])
+    methods, specs = validate_compare(cfg)
+    cells = plan_cells(cfg, methods, specs)
+    home = [c for c in cells if c.task == "attribute"]
+    assert {(c.method.name, c.template, c.seed) for c in home} == {
+        (m, t, s) for m in ("zero-shot", "hybrid") for t in ("attribute_0", "attribute_1", "held_out_0") for s in (0, 1)
+    }
+    abroad = [c for c in cells if c.task == "cross-country"]  # UK-trained adapters on the US v2 prompts, US targets
+    assert [(c.key, c.run_name) for c in abroad] == [
+        (
+            f"gender-uk-real>gender-us-real|hybrid|cross-country|attribute_1|seed-{s}",
+            f"hybrid:gender-uk-real>gender-us-real:cross-country:attribute_1:seed-{s}",
+        )
+        for s in (0, 1)
+    ]
+    assert len({c.key for c in cells}) == len(cells) == 14
+    pooled = plan_cells(cfg.model_copy(update={"per_template": False, "cross_country": {}}), methods, specs)
+    assert [c.template for c in pooled] == ["pooled"] * 4
+
+
 def test_results_writer(tmp_path):
     rows = [
         _cell("zero-shot", 0, 0.3, readout_mae=0.2, noise_p_value=0.0),
