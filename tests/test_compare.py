@@ -23,9 +23,8 @@ def test_registry_pulls_in_what_a_method_starts_from():
 def _cell(method: str, seed: int, mae: float, **metrics) -> dict:
     row = {"dataset": "d1", "task": "attribute", "template": "attribute_0", "method": method, "seed": seed, "samples": 100}
     row |= {"mae": mae, "mae_ci_low": mae - 0.02, "mae_ci_high": mae + 0.02, "mae_debiased": mae - 0.01, "kl": 0.05, "js": 0.01}
-    return (
-        row | {"unmatched_rate": 0.02, "cut_rate": 0.0, "noise_floor_mae": 0.05, "noise_p_value": 0.31, "readout_mae": math.nan} | metrics
-    )
+    row |= {"unmatched_rate": 0.02, "cut_rate": 0.0, "noise_floor_mae": 0.05, "noise_p_value": 0.31, "readout_mae": math.nan}
+    return row | {"trained_on": "d1"} | metrics
 
 
 def test_cells_per_template_seed_and_cross_country():
@@ -69,7 +68,7 @@ def test_results_writer(tmp_path):
     assert "| d1 | attribute | attribute_0 | zero-shot | 0.310 ± 0.014 (2) |" in markdown
     csv_lines = (tmp_path / "results.csv").read_text().splitlines()
     assert csv_lines[0].startswith("dataset,task,template,method,seed,samples,mae,mae_ci_low,mae_ci_high")
-    assert len(csv_lines) == 6
+    assert len(csv_lines) == 6 and csv_lines[0].endswith(",trained_on")
     assert (tmp_path / "heatmap_attribute.png").stat().st_size > 1000
     assert results_markdown(rows).count("\n") == 3
 
