@@ -56,6 +56,8 @@ def test_training_tensors_follow_the_model_device(tiny_model_path, loss_mode):
     with audit:
         stages = build_stages(cfg, spec, tokenizer, vocab, scorer, plan_budget(cfg, spec))
         for stage in stages:
+            if stage.prepare is not None:  # as the loop does when a stage starts (KTO's reference log-probs)
+                stage.prepare(scorer)
             stage.step(scorer, [e for group in stage.groups[:2] for e in group])["loss"].backward()
         answers = [answer_ids(tokenizer, spec.answers[c])[:-1] for c in spec.categories]
         metrics = loop._epoch_metrics(
