@@ -31,7 +31,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rendered_dom(url: str, profile) -> str:
+def _rendered_dom(url: str, profile, width: int = 1600) -> str:
     """The DOM after the page's scripts ran (virtual time lets the React app fetch and render)."""
     command = [
         BROWSER,
@@ -43,7 +43,7 @@ def _rendered_dom(url: str, profile) -> str:
         "--disable-background-networking",
         "--disable-component-update",
         f"--user-data-dir={profile}",
-        "--window-size=1600,8000",
+        f"--window-size={width},8000",  # the runs table draws only the columns that fit
         "--virtual-time-budget=20000",
         "--dump-dom",
         url,
@@ -100,7 +100,9 @@ def test_sweep_trials_and_mae_in_the_mlflow_ui(ray_cluster, tiny_model_path, mlf
         assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
         # `distalign ui` prints this link: the runs table of the "Model training" view, opened on the
         # project's saved view, whose columns show each estimate's MAE and each trial's val_mae.
-        first_page = _visible_text(_rendered_dom(experiment_url(experiment.experiment_id, f"http://127.0.0.1:{port}"), tmp_path / "p2"))
+        first_page = _visible_text(
+            _rendered_dom(experiment_url(experiment.experiment_id, f"http://127.0.0.1:{port}"), tmp_path / "p2", width=4000)
+        )
         assert "sweep-ui-sweep" in first_page and "4 matching runs" in first_page, first_page[:2000]
         assert "Detect Issues" not in first_page and "Traces 0" not in first_page
         header = first_page[first_page.index("Run Name") : first_page.index("Hide run")]

@@ -13,6 +13,7 @@ from distalign_ray.config import FinetuneConfig
 from distalign_ray.data.specs import load_dataset
 from distalign_ray.data.steering import prepare_steering_vocab
 from distalign_ray.models import ModelRef, load_model, load_tokenizer
+from distalign_ray.tracking.mlflow_store import ensure_experiment
 from distalign_ray.training.finetune import run_finetune
 from distalign_ray.training.objective import steering_readout
 
@@ -93,7 +94,9 @@ def test_kto_reference_is_the_frozen_stage_one_model(tiny_model_path, tmp_path, 
     cfg = FinetuneConfig(
         model=tiny_model_path, num_workers=0, sft_epochs=3, epochs=1, prompts_per_batch=4, kto_reference=reference, binding_check="report"
     )
-    with mlflow.start_run() as run:
+    # this test's store and experiment (an earlier test in the process may have left others active)
+    mlflow.set_tracking_uri(mlflow_uri)
+    with mlflow.start_run(experiment_id=ensure_experiment()) as run:
         result = run_finetune(spec, cfg, tmp_path / "adapter", mlflow_run_id=run.info.run_id)
     client = mlflow.MlflowClient()
     first_align_step = result["budget"].sft_steps + 1
