@@ -111,7 +111,8 @@ class Cell:
 def plan_cells(cfg: CompareConfig, methods: list[Method], specs: dict) -> list[Cell]:
     """Every cell, in run order: per dataset and seed, each method's cells right after its training."""
     cells = []
-    for dataset, spec in specs.items():
+    for dataset in cfg.datasets:
+        spec = specs[dataset]
         for seed in cfg.seeds:
             for method in methods:
                 for task in cfg.tasks:
@@ -192,11 +193,12 @@ def validate_compare(cfg: CompareConfig):
     methods = get_methods(cfg.methods)
     specs = {name: load_dataset(name) for name in cfg.datasets}
     for source, target in cfg.cross_country.items():
-        if source in specs:
-            abroad = specs.get(target) or load_dataset(target)
-            if abroad.categories != specs[source].categories:
+        if source in cfg.datasets:
+            if target not in specs:  # estimated there, not compared on its own (plan_cells walks cfg.datasets)
+                specs[target] = load_dataset(target)
+            if specs[target].categories != specs[source].categories:
                 raise DistalignError(f"cross_country: {source} and {target} have different categories")
-            build_prompts(abroad, "attribute", [cfg.cross_country_template])
+            build_prompts(specs[target], "attribute", [cfg.cross_country_template])
     unknown = [t for t in cfg.tasks if t not in TASKS]
     if unknown:
         raise DistalignError(f"unknown task {unknown[0]!r}; choose from {TASKS}")
@@ -241,7 +243,7 @@ def run_compare(cfg: CompareConfig, console=None, report: str | Path | None = No
                 console.print(f"skip {cell.key} (finished in run {done[cell.key]})")
                 continue
             console.rule(cell.key)
-            spec = specs.get(cell.dataset) or load_dataset(cell.dataset)
+            spec = specs[cell.dataset]
             est = cfg.estimate.model_copy(
                 update={
                     "model": cfg.finetune.model,
