@@ -1,10 +1,13 @@
 """The comparison job: datasets x seeds x methods x tasks x templates, one MLflow parent run with a
 child run per cell.
 
-Each seed trains every trained method once (finetune.seed) and samples every cell once (estimate.seed);
-the attribute task is scored per template, as the paper does. Resumable: the parent run is found
-again by its name, finished cells (child runs with status FINISHED) are skipped, and trained adapters
-are reused from `<storage>/compare/<name>/<dataset>/<method>/seed-<seed>`.
+First every trained method gets the same small Ray Tune budget (its learning rate, and beta where its
+objective has one, scored on a dataset's held-out paraphrases). Then each seed trains every trained
+method once (finetune.seed) and samples every cell once (estimate.seed); the attribute task is scored
+per template, as the paper does. Resumable: the parent run is found again by its name, finished cells
+(child runs with status FINISHED) are skipped, tuned values are reused from
+`<storage>/compare/<name>/tuned/<method>.yaml` and trained adapters from
+`<storage>/compare/<name>/<dataset>/<method>/seed-<seed>`.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from distalign_ray import storage
@@ -22,7 +27,7 @@ from distalign_ray.config import EstimateConfig, FinetuneConfig
 from distalign_ray.data.prompts import build_prompts, held_out_ids, template_ids
 from distalign_ray.data.specs import load_dataset
 from distalign_ray.errors import DistalignError
-from distalign_ray.methods import Method, get_methods
+from distalign_ray.methods import METHODS, Method, get_methods
 from distalign_ray.paths import home_dir
 
 # One row per cell: dataset x task x template x method x seed (results.csv).
@@ -39,9 +44,31 @@ METRIC_COLUMNS = (
     "noise_floor_mae",
     "noise_p_value",
     "readout_mae",
+    "judge_lexical_agreement",
 )
 RESULT_COLUMNS = CELL_COLUMNS + METRIC_COLUMNS + ("trained_on",)
 POOLED = "pooled"  # the template column of a cell that pools the attribute templates
+
+
+class CompareTuneConfig(BaseModel):
+    """The search every trained method gets before the comparison: the same trials, ranges and data."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    trials: int = Field(
+        4, ge=0, description="Ray Tune trials per trained method, the first with the finetune settings as given; 0 = no search"
+    )
+    dataset: str | None = Field(
+        None,
+        description="the trials train on this dataset's attribute templates and are scored (val_mae) on its held-out "
+        "paraphrases; default: the first compared dataset",
+    )
+    lr: tuple[float, float] = Field((1e-4, 5e-3), description="learning-rate range (stage 2, or the baseline's), log-uniform")
+    beta: tuple[float, float] = Field(
+        (0.05, 0.5), description="beta range, log-uniform, for the methods whose objective has one (KTO, DPO)"
+    )
+    scheduler: Literal["asha", "fifo"] = Field("asha", description="asha stops trials early on val_mae; fifo runs every trial whole")
+    seed: int = Field(0, description="seeds the search and the trials' fine-tuning")
 
 
 class CompareConfig(BaseModel):
@@ -53,12 +80,22 @@ class CompareConfig(BaseModel):
     datasets: list[str] = Field(default_factory=lambda: ["gender-uk-real", "gender-us-real"], description="built-in dataset names")
     methods: list[str] | None = Field(None, description="default: every method in the registry")
     tasks: list[str] = Field(default_factory=lambda: ["attribute"], description="attribute and/or story")
+    story_methods: list[str] | None = Field(
+        None, description="methods of the story task (default: every compared method; the paper's minimum: zero-shot, ift, hybrid)"
+    )
+    story_datasets: list[str] | None = Field(None, description="datasets of the story task (default: every compared dataset)")
     seeds: list[int] = Field(
         default_factory=lambda: [0, 1, 2],
         min_length=1,
         description="one training run per trained method (as finetune.seed) and one sample per cell (as estimate.seed) "
         "for each; tables give the mean and sd over seeds",
     )
+    untrained_every_seed: bool = Field(
+        False,
+        description="estimate the untrained methods (zero-shot, prompt engineering) under every seed; by default under the "
+        "first only: a seed changes nothing in them but the sampling, which each cell's interval covers",
+    )
+    tune: CompareTuneConfig = Field(default_factory=CompareTuneConfig, description="the Tune budget of every trained method")
     cross_country: dict[str, str] = Field(
         default_factory=lambda: {"gender-uk-real": "gender-us-real", "gender-uk-even": "gender-us-even"},
         description="the paper's cross-country test: adapters trained on a key dataset (when compared) are also estimated "
@@ -74,8 +111,9 @@ class CompareConfig(BaseModel):
         default_factory=FinetuneConfig, description="fine-tuning settings of every trained method (loss_mode set per method)"
     )
     estimate: EstimateConfig = Field(
-        default_factory=lambda: EstimateConfig(samples_per_context=40),
-        description="estimation settings of every cell (task, adapter and prompt engineering set per cell)",
+        default_factory=lambda: EstimateConfig(max_new_tokens=256, story_classifier="judge"),
+        description="estimation settings of every cell (task, adapter and prompt engineering set per cell); 256 new "
+        "tokens: zero-shot answers that stop at all stop within it (docs/results.md), the judge labels stories",
     )
     capability: bool = Field(True, description="perplexity / KL-from-base on neutral text for every fine-tune")
     lm_eval_tasks: list[str] = Field(default_factory=list, description="optional lm-eval tasks (needs lm-eval and its data)")
@@ -109,18 +147,27 @@ class Cell:
 
 
 def plan_cells(cfg: CompareConfig, methods: list[Method], specs: dict) -> list[Cell]:
-    """Every cell, in run order: per dataset and seed, each method's cells right after its training."""
+    """Every cell, in run order: per seed (so a partial run covers every dataset) and dataset, each
+    method's cells right after its training."""
     cells = []
-    for dataset in cfg.datasets:
-        spec = specs[dataset]
-        for seed in cfg.seeds:
+    for seed in cfg.seeds:
+        for dataset in cfg.datasets:
+            spec = specs[dataset]
             for method in methods:
+                if not method.trained and seed != cfg.seeds[0] and not cfg.untrained_every_seed:
+                    continue
                 for task in cfg.tasks:
+                    if task == "story" and not _in_story(cfg, method, dataset):
+                        continue
                     cells += [Cell(dataset, dataset, method, task, t, seed) for t in cell_templates(spec, task, cfg.per_template)]
                 abroad = cfg.cross_country.get(dataset)
                 if abroad and method.trained and "attribute" in cfg.tasks:
                     cells.append(Cell(dataset, abroad, method, CROSS_COUNTRY, cfg.cross_country_template, seed))
     return cells
+
+
+def _in_story(cfg: CompareConfig, method: Method, dataset: str) -> bool:
+    return (cfg.story_methods is None or method.name in cfg.story_methods) and (cfg.story_datasets is None or dataset in cfg.story_datasets)
 
 
 def cell_templates(spec, task: str, per_template: bool) -> list[str]:
@@ -155,8 +202,9 @@ def finished_cells(parent_id: str) -> dict[str, str]:
     return {r.data.tags["cell"]: r.info.run_id for r in runs}
 
 
-def _train(method: Method, dataset: str, seed: int, cfg: CompareConfig, adapters: str, spec) -> str:
-    """Train `method` on `dataset` with `seed` unless its adapter already exists (a child run per training)."""
+def _train(method: Method, dataset: str, seed: int, cfg: CompareConfig, adapters: str, spec, tuned: dict[str, dict]) -> str:
+    """Train `method` (with its tuned values) on `dataset` with `seed` unless its adapter already exists
+    (a child run per training)."""
     import mlflow
     import ray
 
@@ -168,7 +216,7 @@ def _train(method: Method, dataset: str, seed: int, cfg: CompareConfig, adapters
     output = storage.join(adapters, dataset, method.name, f"seed-{seed}")
     if storage.is_complete_folder(output) and storage.exists(storage.join(output, "adapter_config.json")):
         return output
-    update = {"loss_mode": method.name, "seed": seed}
+    update = {"loss_mode": method.name, "seed": seed} | tuned.get(method.name, {})
     if method.init_from:
         update["init_adapter"] = storage.join(adapters, dataset, method.init_from, f"seed-{seed}")
     ft = cfg.finetune.model_copy(update=update)
@@ -186,6 +234,44 @@ def _train(method: Method, dataset: str, seed: int, cfg: CompareConfig, adapters
     return output
 
 
+def tune_dataset(cfg: CompareConfig) -> str:
+    return cfg.tune.dataset or cfg.datasets[0]
+
+
+def _tune(method: Method, cfg: CompareConfig, specs: dict, adapters: str, tuned: dict[str, dict]) -> dict:
+    """`method`'s tuned finetune fields: a Ray Tune search (a nested MLflow sweep run), done once and kept
+    in `<adapters>/tuned/<method>.yaml` with its budget and best val_mae."""
+    from distalign_ray.tuning.sweep import SweepConfig, run_sweep
+
+    record = storage.join(adapters, "tuned", f"{method.name}.yaml")
+    if storage.exists(record):
+        return yaml.safe_load(storage.read_text(record))
+    dataset = tune_dataset(cfg)
+    spec = specs[dataset]
+    finetune = cfg.finetune.model_copy(update={"loss_mode": method.name, "seed": cfg.tune.seed})
+    if method.init_from:  # DPO's trials start from the IFT adapter of the first seed, trained with IFT's tuned values
+        start = METHODS[method.init_from]
+        finetune = finetune.model_copy(update={"init_adapter": _train(start, dataset, cfg.seeds[0], cfg, adapters, spec, tuned)})
+    sweep = SweepConfig(
+        name=f"{cfg.name}-{method.name}",
+        num_samples=cfg.tune.trials,
+        scheduler=cfg.tune.scheduler,
+        lr=cfg.tune.lr,
+        beta=cfg.tune.beta,
+        searched=list(method.tuned_fields),
+        start_from_defaults=True,
+        train_templates=template_ids(spec, "attribute"),
+        validation_templates=held_out_ids(spec) or template_ids(spec, "attribute"),
+        finetune=finetune,
+        seed=cfg.tune.seed,
+        output=str(home_dir() / "compare" / cfg.name / "tuned" / f"{method.name}-best.yaml"),
+    )
+    result = run_sweep(spec, sweep, nested=True)
+    chosen = {"values": result["best_values"], "best_val_mae": result["best_val_mae"], "trials": result["trials"], "dataset": dataset}
+    storage.write_text(record, yaml.safe_dump(chosen, sort_keys=False))
+    return chosen
+
+
 def validate_compare(cfg: CompareConfig):
     from distalign_ray.data.prompts import TASKS
     from distalign_ray.models import resolve_model
@@ -199,6 +285,12 @@ def validate_compare(cfg: CompareConfig):
             if specs[target].categories != specs[source].categories:
                 raise DistalignError(f"cross_country: {source} and {target} have different categories")
             build_prompts(specs[target], "attribute", [cfg.cross_country_template])
+    if cfg.tune.trials and tune_dataset(cfg) not in specs:
+        specs[tune_dataset(cfg)] = load_dataset(tune_dataset(cfg))
+    get_methods(cfg.story_methods)
+    outside = [d for d in cfg.story_datasets or [] if d not in cfg.datasets]
+    if outside:
+        raise DistalignError(f"story_datasets: {outside[0]!r} is not among the compared datasets")
     unknown = [t for t in cfg.tasks if t not in TASKS]
     if unknown:
         raise DistalignError(f"unknown task {unknown[0]!r}; choose from {TASKS}")
@@ -235,10 +327,24 @@ def run_compare(cfg: CompareConfig, console=None, report: str | Path | None = No
                 cfg.model_dump(exclude={"finetune", "estimate"})
                 | {"finetune": cfg.finetune.model_dump(), "estimate": cfg.estimate.model_dump()}
             )
+        tuning = {}
+        for method in methods:
+            if method.trained and cfg.tune.trials:
+                tuning[method.name] = _tune(method, cfg, specs, adapters, {m: t["values"] for m, t in tuning.items()})
+                mlflow.log_params({f"tuned.{method.name}.{k}": v for k, v in tuning[method.name]["values"].items()})
+        tuned = {m: t["values"] for m, t in tuning.items()}
+        cells = plan_cells(cfg, methods, specs)
+
+        def publish() -> None:  # the report of every finished cell so far, so an interrupted run's report is current
+            if report:
+                write_report(parent.info.run_id, report, ReportContext(cfg, specs, tuning, len(cells), 0.0, time.time() - started))
+
+        publish()
         done = finished_cells(parent.info.run_id)
-        for cell in plan_cells(cfg, methods, specs):
+        for cell in cells:
             method, seed = cell.method, cell.seed
-            adapter = _train(method, cell.trained_on, seed, cfg, adapters, specs[cell.trained_on]) if method.trained else None
+            trained_on = specs[cell.trained_on]
+            adapter = _train(method, cell.trained_on, seed, cfg, adapters, trained_on, tuned) if method.trained else None
             if cell.key in done:
                 console.print(f"skip {cell.key} (finished in run {done[cell.key]})")
                 continue
@@ -258,13 +364,34 @@ def run_compare(cfg: CompareConfig, console=None, report: str | Path | None = No
             tags |= {"template": cell.template, "seed": str(seed), "samples": str(est.samples_per_context or spec.samples_per_context)}
             tags |= {"trained_on": cell.trained_on}
             run_estimate(spec, est, tags=tags, run_name=cell.run_name)
+            publish()
         rows = collect_results(parent.info.run_id)
         write_results(rows, home_dir() / "compare" / cfg.name / "results")
         mlflow.log_artifacts(str(home_dir() / "compare" / cfg.name / "results"), artifact_path="results")
+        publish()
     console.print(results_markdown(rows))
-    if report:
-        Path(report).write_text(results_document(rows, cfg, time.time() - started))
     return rows
+
+
+def write_report(parent_id: str, report: str | Path, ctx: ReportContext) -> None:
+    """The Markdown report of the finished cells, and beside it their results.csv (to check and re-plot)."""
+    from dataclasses import replace
+
+    rows = collect_results(parent_id)
+    storage.write_text(str(report), results_document(rows, replace(ctx, compute_seconds=compute_seconds(parent_id))))
+    write_csv(rows, Path(report).with_suffix(".csv"))
+
+
+def compute_seconds(parent_id: str) -> float:
+    """Wall time of every finished step of the comparison (tuning, trainings, cells), over all invocations."""
+    import mlflow
+
+    runs = mlflow.search_runs(
+        experiment_names=["distalign"],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'FINISHED'",
+        output_format="list",
+    )
+    return sum((r.info.end_time - r.info.start_time) / 1000 for r in runs if r.info.end_time)
 
 
 def collect_results(parent_id: str) -> list[dict]:
@@ -346,29 +473,109 @@ PAPER_REFERENCE_MAE = {
 }
 
 
-def results_document(rows: list[dict], cfg: CompareConfig, seconds: float) -> str:
-    """The Markdown report of a comparison: budget, results, and the paper's numbers beside ours."""
+@dataclass(frozen=True)
+class ReportContext:
+    """What the report says besides the cells: the grid, the tuning, and how far and how long it ran."""
+
+    cfg: CompareConfig
+    specs: dict
+    tuning: dict[str, dict]
+    planned_cells: int
+    compute_seconds: float
+    invocation_seconds: float
+
+
+PAPER_TEMPLATES = ("attribute_0", "attribute_1")  # the paper's v1 and v2 prompts: the summary's columns
+
+
+def summary_markdown(rows: list[dict]) -> str:
+    """Datasets x methods: MAE mean ± sd over seeds of the mean over the paper's templates; the best per row in bold."""
+    names = [m.name for m in get_methods(None) if any(r["method"] == m.name for r in rows)]
+    table = {}
+    for r in rows:
+        if r["task"] == "attribute" and r["template"] in PAPER_TEMPLATES:
+            table.setdefault(r["dataset"], {}).setdefault(r["method"], {}).setdefault(r["seed"], []).append(r["mae"])
+    lines = ["| dataset | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for dataset, by_method in sorted(table.items()):
+        per_seed = {m: [float(np.mean(v)) for v in seeds.values()] for m, seeds in by_method.items()}
+        best = min(per_seed, key=lambda m: np.mean(per_seed[m]))
+        cells = []
+        for m in names:
+            if m not in per_seed:
+                cells.append("—")
+                continue
+            values = per_seed[m]
+            text = f"{np.mean(values):.3f}" + (f" ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else "") + f" ({len(values)})"
+            cells.append(f"**{text}**" if m == best else text)
+        lines.append(f"| {dataset} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def results_document(rows: list[dict], ctx: ReportContext) -> str:
+    """The Markdown report of a comparison: budget, tuning, the summary, per-dataset tables, the paper beside ours."""
+    from distalign_ray.training.budget import plan_budget
+
+    cfg = ctx.cfg
     est, ft = cfg.estimate, cfg.finetune
+    status = (
+        "complete"
+        if len(rows) >= ctx.planned_cells
+        else f"**partial: {len(rows)} of {ctx.planned_cells} cells finished** (`distalign compare` with the same config resumes)"
+    )
     lines = [
         f"# Results: comparison `{cfg.name}`",
         "",
-        f"Generated by `distalign compare` from a real run (MLflow parent run tagged `compare={cfg.name}`).",
+        f"Generated by `distalign compare` from a real run (MLflow parent run tagged `compare={cfg.name}`); {status}.",
         "",
         "## Budget",
         "",
         f"- model: `{ft.model}`; datasets: {', '.join(cfg.datasets)}; tasks: {', '.join(cfg.tasks)}",
-        f"- seeds: {', '.join(map(str, cfg.seeds))} (each: one training per trained method, one sample per cell); "
-        f"attribute templates {'scored one by one' if cfg.per_template else 'pooled'}",
-        f"- samples per context{' and template' if cfg.per_template else ''}: {est.samples_per_context or 'spec default'}; "
-        f"contexts: {est.max_contexts or 'all'}; "
-        f"estimator: {est.estimator}; decoding T={est.temperature}, top-p={est.top_p}, top-k off, identical for every method",
-        f"- training: SFT {ft.sft_epochs} epochs (steering methods), {ft.epochs} epochs of the method's own loss, "
-        f"lr {ft.lr}, LoRA r={ft.lora.r}, {ft.num_workers} Ray Train workers",
-        f"- wall time of this invocation: {seconds / 60:.1f} min on 2 CPU cores",
+        f"- seeds: {', '.join(map(str, cfg.seeds))} (each: one training per trained method, one sample per cell); untrained "
+        f"methods {'under every seed' if cfg.untrained_every_seed else f'under seed {cfg.seeds[0]} only'}; attribute templates "
+        f"{'scored one by one' if cfg.per_template else 'pooled'}",
+        f"- samples per context{' and template' if cfg.per_template else ''}: {est.samples_per_context or 'the spec value'}; "
+        f"contexts: {est.max_contexts or 'all'}; estimator: {est.estimator}; decoding T={est.temperature}, top-p={est.top_p}, "
+        f"top-k off, at most {est.max_new_tokens or 'the default'} new tokens, identical for every method",
+        f"- training (every trained method, in optimizer steps): lr {ft.lr} unless tuned, LoRA r={ft.lora.r}, "
+        f"{ft.num_workers} Ray Train workers",
+    ]
+    for name in cfg.datasets:
+        budget = plan_budget(ft, ctx.specs[name])
+        lines.append(
+            f"  - {name}: {budget.prompts} prompts, {budget.prompts_per_batch} per batch; {budget.sft_steps} SFT steps "
+            f"(steering methods), {budget.steps} steps of the method's own loss"
+        )
+    lines.append(
+        f"- compute: {ctx.compute_seconds / 3600:.1f} h of finished tuning, training and estimation on 2 CPU cores "
+        f"(this invocation {ctx.invocation_seconds / 60:.0f} min)"
+    )
+    lines += ["", "## Tuning (the same Ray Tune budget for every trained method)", ""]
+    if ctx.tuning:
+        tune = cfg.tune
+        lines += [
+            f"{tune.trials} trials per method on {tune_dataset(cfg)} ({tune.scheduler}; the first trial runs the untuned settings; "
+            f"lr in [{tune.lr[0]:g}, {tune.lr[1]:g}], beta in [{tune.beta[0]:g}, {tune.beta[1]:g}] where the objective has one, "
+            "log-uniform), trained on its attribute templates and scored by val_mae on its held-out paraphrase.",
+            "",
+            "| method | chosen | best val_mae |",
+            "|---|---|---|",
+        ]
+        for method, chosen in ctx.tuning.items():
+            values = ", ".join(f"{k} {v:.3g}" for k, v in chosen["values"].items())
+            lines.append(f"| {method} | {values} | {chosen['best_val_mae']:.3f} |")
+    else:
+        lines.append("No search (`tune.trials: 0`): every method trains with the settings above.")
+    lines += [
         "",
-        "## Results (MAE mean ± sd over seeds; each seed's MAE with its 95% basic bootstrap interval)",
+        "## Summary (attribute task: MAE mean ± sd over seeds (n) of the mean over the paper's two templates; best in bold)",
         "",
-        results_markdown(rows),
+        summary_markdown(rows),
+        "",
+        "## Per dataset (every template and task; MAE mean ± sd over seeds; each seed's MAE with its 95% basic bootstrap interval)",
+    ]
+    for dataset in sorted({r["dataset"] for r in rows}):
+        lines += ["", f"### {dataset}", "", results_markdown([r for r in rows if r["dataset"] == dataset])]
+    lines += [
         "",
         "## Beside the paper",
         "",
@@ -391,17 +598,23 @@ def mean_by_method(rows: list[dict]) -> dict[tuple[str, str], dict[str, float]]:
     return {key: {m: float(np.mean(v)) for m, v in methods.items()} for key, methods in sorted(sums.items())}
 
 
+def write_csv(rows: list[dict], path: Path) -> None:
+    import csv
+    import io
+
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(RESULT_COLUMNS))
+    writer.writeheader()
+    writer.writerows(rows)
+    storage.write_text(str(path), text.getvalue())
+
+
 def write_results(rows: list[dict], folder: Path) -> None:
     """results.csv (one row per cell), results.md (over seeds) and a heatmap of MAE (methods x datasets) per task."""
-    import csv
-
     from distalign_ray.evaluation.plots import plot_heatmap
 
     folder.mkdir(parents=True, exist_ok=True)
-    with (folder / "results.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(RESULT_COLUMNS))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, folder / "results.csv")
     (folder / "results.md").write_text(results_markdown(rows) + "\n")
     means = mean_by_method(rows)
     for task in sorted({task for _, task in means}):

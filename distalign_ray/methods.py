@@ -32,6 +32,14 @@ class Method:
     def trained(self) -> bool:
         return self.recipe is not None
 
+    @property
+    def tuned_fields(self) -> tuple[str, ...]:
+        """The finetune fields a comparison's Tune budget searches: the learning rate, and beta where the
+        objective has one (KTO, DPO)."""
+        if not self.trained:
+            return ()
+        return ("lr", "beta") if self.kto or self.recipe == "dpo" else ("lr",)
+
 
 METHODS: dict[str, Method] = {}
 

@@ -96,6 +96,21 @@ def read_text(location: str) -> str:
         return handle.read().decode("utf-8")
 
 
+def write_text(location: str, text: str) -> None:
+    """Write a small text file whole: under a temporary name and renamed (a folder), or in one stream (a URI)."""
+    if not is_uri(location):
+        target = Path(location)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+        staging.write_text(text)
+        os.replace(staging, target)
+        return
+    fs, path = filesystem(location)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as handle:
+        handle.write(text.encode("utf-8"))
+
+
 def is_complete_folder(location: str) -> bool:
     """A folder written by `write_folder` (local folders appear whole by renaming)."""
     if not is_uri(location):

@@ -6,6 +6,7 @@ import math
 
 import mlflow
 import pytest
+import yaml
 
 from distalign_ray.compare import CompareConfig, results_markdown, run_compare, write_results
 from distalign_ray.errors import DistalignError
@@ -34,9 +35,12 @@ def test_cells_per_template_seed_and_cross_country():
     methods, specs = validate_compare(cfg)
     cells = plan_cells(cfg, methods, specs)
     home = [c for c in cells if c.task == "attribute"]
-    assert {(c.method.name, c.template, c.seed) for c in home} == {
-        (m, t, s) for m in ("zero-shot", "hybrid") for t in ("attribute_0", "attribute_1", "held_out_0") for s in (0, 1)
+    templates = ("attribute_0", "attribute_1", "held_out_0")
+    # the untrained method is sampled under the first seed only (a seed changes nothing else in it)
+    assert {(c.method.name, c.template, c.seed) for c in home} == {("zero-shot", t, 0) for t in templates} | {
+        ("hybrid", t, s) for t in templates for s in (0, 1)
     }
+    assert [c.seed for c in cells] == sorted(c.seed for c in cells)  # seed-major: a partial run covers every dataset
     abroad = [c for c in cells if c.task == "cross-country"]  # UK-trained adapters on the US v2 prompts, US targets
     assert [(c.key, c.run_name) for c in abroad] == [
         (
@@ -45,9 +49,30 @@ def test_cells_per_template_seed_and_cross_country():
         )
         for s in (0, 1)
     ]
-    assert len({c.key for c in cells}) == len(cells) == 14
+    assert len({c.key for c in cells}) == len(cells) == 11
+    every_seed = plan_cells(cfg.model_copy(update={"untrained_every_seed": True}), methods, specs)
+    assert len(every_seed) == 14
     pooled = plan_cells(cfg.model_copy(update={"per_template": False, "cross_country": {}}), methods, specs)
-    assert [c.template for c in pooled] == ["pooled"] * 4
+    assert [c.template for c in pooled] == ["pooled"] * 3
+
+
+def test_story_cells_only_for_the_chosen_methods_and_datasets():
+    from distalign_ray.compare import plan_cells, validate_compare
+
+    cfg = CompareConfig(
+        datasets=["gender-uk-real", "race-us-even"],
+        methods=["zero-shot", "ift", "hybrid"],
+        tasks=["attribute", "story"],
+        story_methods=["zero-shot", "hybrid"],
+        story_datasets=["gender-uk-real"],
+        seeds=[0],
+        cross_country={},
+    )
+    methods, specs = validate_compare(cfg)
+    story = [(c.dataset, c.method.name, c.template) for c in plan_cells(cfg, methods, specs) if c.task == "story"]
+    assert story == [("gender-uk-real", "zero-shot", "pooled"), ("gender-uk-real", "hybrid", "pooled")]
+    with pytest.raises(DistalignError, match="story_datasets: 'gender-us-real' is not among the compared datasets"):
+        validate_compare(cfg.model_copy(update={"story_datasets": ["gender-us-real"]}))
 
 
 def test_results_writer(tmp_path):
@@ -81,6 +106,7 @@ def test_every_method_trains_and_estimates_and_rerun_resumes(ray_cluster, tiny_m
         finetune={"model": tiny_model_path, "num_workers": 0, "epochs": 1, "sft_epochs": 1, "max_contexts": 2, "answers_per_context": 8},
         estimate={"samples_per_context": 4, "max_contexts": 2, "max_new_tokens": 3, "num_actors": 1},
         capability=True,
+        tune={"trials": 0},  # the search has its own test
         seeds=[0],
     )
     rows = run_compare(cfg)
@@ -104,3 +130,62 @@ def test_every_method_trains_and_estimates_and_rerun_resumes(ray_cluster, tiny_m
     assert [(r["method"], r["template"], r["seed"], r["mae"]) for r in again] == [
         (r["method"], r["template"], r["seed"], r["mae"]) for r in rows
     ]
+
+
+def test_report_says_how_far_the_run_got_and_what_tuning_chose():
+    from distalign_ray.compare import ReportContext, results_document, validate_compare
+
+    cfg = CompareConfig(datasets=["gender-uk-real", "gender-us-real"], methods=["zero-shot", "hybrid"], seeds=[0, 1])
+    _, specs = validate_compare(cfg)
+    rows = [_cell("zero-shot", 0, 0.3, template=t) for t in ("attribute_0", "attribute_1")]
+    rows += [_cell("hybrid", s, m, template=t) for s, m in ((0, 0.1), (1, 0.14)) for t in ("attribute_0", "attribute_1")]
+    rows += [_cell("hybrid", 0, 0.5, template="held_out_0")]  # not in the summary: the paper's two templates only
+    tuning = {"hybrid": {"values": {"lr": 0.0011, "beta": 0.21}, "best_val_mae": 0.05, "trials": 4, "dataset": "gender-uk-real"}}
+    report = results_document(rows, ReportContext(cfg, specs, tuning, 30, 7200.0, 600.0))
+    assert "**partial: 7 of 30 cells finished**" in report
+    assert "| hybrid | lr 0.0011, beta 0.21 | 0.050 |" in report
+    assert "| d1 | 0.300 (1) | **0.120 ± 0.028 (2)** |" in report  # mean over templates per seed, then over seeds
+    assert "  - gender-us-real: 28 prompts, 5 per batch; 18 SFT steps (steering methods), 36 steps" in report
+    assert "- compute: 2.0 h of finished tuning" in report and "### d1" in report
+
+
+@pytest.mark.slow
+def test_every_trained_method_gets_the_same_tune_budget_first(ray_cluster, tiny_model_path, mlflow_uri, tmp_path):
+    from distalign_ray import storage
+
+    cfg = CompareConfig(
+        name="tuned",
+        datasets=["gender-us-real"],
+        methods=["dpo"],  # and IFT, which DPO starts from
+        finetune={"model": tiny_model_path, "num_workers": 1, "epochs": 1, "max_contexts": 2, "answers_per_context": 8},
+        estimate={"samples_per_context": 4, "max_contexts": 2, "max_new_tokens": 3, "num_actors": 1},
+        tune={"trials": 2, "scheduler": "fifo"},
+        per_template=False,
+        capability=False,
+        seeds=[0],
+    )
+    report = tmp_path / "results.md"
+    run_compare(cfg, report=report)
+    runs = mlflow.search_runs(experiment_names=["distalign"])
+    parent = runs[runs["tags.job"] == "compare"].iloc[0]
+    sweeps = runs[(runs["tags.mlflow.parentRunId"] == parent["run_id"]) & (runs["tags.job"] == "sweep")]
+    assert sorted(sweeps["tags.method"]) == ["dpo", "ift"]
+    for _, sweep in sweeps.iterrows():
+        trials = runs[runs["tags.mlflow.parentRunId"] == sweep["run_id"]]
+        assert len(trials) == 2 and trials["metrics.val_mae"].notna().all()
+    chosen = {
+        m: yaml.safe_load(storage.read_text(storage.join(storage.storage_root(), "compare", "tuned", "tuned", f"{m}.yaml")))
+        for m in ("ift", "dpo")
+    }
+    assert set(chosen["ift"]["values"]) == {"lr"} and set(chosen["dpo"]["values"]) == {"lr", "beta"}
+    trained = runs[(runs["tags.kind"] == "train") & (runs["tags.mlflow.parentRunId"] == parent["run_id"])]
+    for method in ("ift", "dpo"):
+        params = mlflow.get_run(trained[trained["tags.method"] == method].iloc[0]["run_id"]).data.params
+        for field, value in chosen[method]["values"].items():
+            assert float(params[field]) == pytest.approx(value)
+            assert float(parent[f"params.tuned.{method}.{field}"]) == pytest.approx(value)
+    assert f"| dpo | lr {chosen['dpo']['values']['lr']:.3g}, beta {chosen['dpo']['values']['beta']:.3g} |" in report.read_text()
+    assert (tmp_path / "results.csv").read_text().startswith("dataset,task,template,method,seed,samples,mae,")
+
+    run_compare(cfg)  # tuned values, adapters and cells are reused: no new run
+    assert len(mlflow.search_runs(experiment_names=["distalign"])) == len(runs)

@@ -24,6 +24,7 @@ from distalign_ray.config import FinetuneConfig
 from distalign_ray.paths import home_dir
 
 SEARCHED = ("kl_weight", "kto_weight", "lr", "beta")
+Searched = Literal["kl_weight", "kto_weight", "lr", "beta"]
 
 
 class SweepConfig(BaseModel):
@@ -36,7 +37,13 @@ class SweepConfig(BaseModel):
     kl_weight: tuple[float, float] = Field((0.1, 10.0), description="kl_weight range, sampled log-uniformly")
     kto_weight: tuple[float, float] = Field((0.1, 10.0), description="kto_weight range, sampled log-uniformly")
     lr: tuple[float, float] = Field((5e-4, 5e-3), description="stage-2 learning-rate range, sampled log-uniformly")
-    beta: tuple[float, float] = Field((0.05, 0.5), description="KTO beta range, sampled log-uniformly")
+    beta: tuple[float, float] = Field((0.05, 0.5), description="KTO (or DPO) beta range, sampled log-uniformly")
+    searched: list[Searched] = Field(
+        default_factory=lambda: list(SEARCHED), min_length=1, description="the finetune fields searched (the others keep their value)"
+    )
+    start_from_defaults: bool = Field(
+        False, description="the first trial runs the finetune settings as given, so the best is never worse on val_mae than them"
+    )
     train_templates: list[str] = Field(default_factory=lambda: ["attribute_0"], description="attribute templates the trials train on")
     validation_templates: list[str] = Field(
         default_factory=lambda: ["attribute_1"], description="held-out templates of the trials' val_mae (what the search minimises)"
@@ -69,7 +76,7 @@ def _trial(config: dict, spec: dict, model_ref: dict, storage_path: str) -> None
     from distalign_ray.training.launcher import build_trainer, fit_in_thread
     from distalign_ray.tuning.reports import QueueReports
 
-    finetune = FinetuneConfig.model_validate(config["finetune"] | {k: config[k] for k in SEARCHED})
+    finetune = FinetuneConfig.model_validate(config["finetune"] | {k: config[k] for k in SEARCHED if k in config})
     loop_config = {"finetune": finetune.model_dump(), "spec": spec, "model_ref": model_ref}
     name = f"trial-{tune.get_context().get_trial_id()}"
     reports = Queue(actor_options={"num_cpus": 0})
@@ -94,7 +101,8 @@ def trial_resources(cfg: SweepConfig) -> dict:
     return {"CPU": 0, "memory": cfg.driver_memory_mb * 1024**2}
 
 
-def run_sweep(spec, cfg: SweepConfig) -> dict:
+def run_sweep(spec, cfg: SweepConfig, nested: bool = False) -> dict:
+    """Run the sweep; `nested` puts its MLflow parent run under the active run (compare's tuning)."""
     import mlflow
     from ray import tune
     from ray.air.integrations.mlflow import MLflowLoggerCallback
@@ -113,13 +121,14 @@ def run_sweep(spec, cfg: SweepConfig) -> dict:
     model_ref = resolve_model(base.model)
     validate_finetune(spec, base, home_dir() / "sweeps" / cfg.name / "unused-adapter")
     init_ray()
-    space = {k: tune.loguniform(*getattr(cfg, k)) for k in SEARCHED}
+    space = {k: tune.loguniform(*getattr(cfg, k)) for k in cfg.searched}
+    defaults = [{k: getattr(base, k) for k in cfg.searched}] if cfg.start_from_defaults else None
     if cfg.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        search_alg = OptunaSearch(seed=cfg.seed)
+        search_alg = OptunaSearch(points_to_evaluate=defaults, seed=cfg.seed)
     else:
-        search_alg = BasicVariantGenerator(random_state=cfg.seed)
+        search_alg = BasicVariantGenerator(points_to_evaluate=defaults, random_state=cfg.seed)
     budget = plan_budget(base, spec)  # a trial reports once per epoch of either stage
     max_t = budget.sft_epochs + budget.epochs
     scheduler = (
@@ -127,8 +136,11 @@ def run_sweep(spec, cfg: SweepConfig) -> dict:
         if cfg.scheduler == "asha"
         else FIFOScheduler()
     )
-    description = f"Sweep '{cfg.name}' on {spec.name}: {cfg.num_samples} trials of {', '.join(SEARCHED)}; a child run per trial (val_mae)"
-    with start_run(f"sweep-{cfg.name}", description, tags={"job": "sweep", "sweep": cfg.name, "dataset": spec.name}) as parent:
+    description = (
+        f"Sweep '{cfg.name}' on {spec.name}: {cfg.num_samples} trials of {', '.join(cfg.searched)}; a child run per trial (val_mae)"
+    )
+    tags = {"job": "sweep", "sweep": cfg.name, "dataset": spec.name, "method": base.loss_mode}
+    with start_run(f"sweep-{cfg.name}", description, tags=tags, nested=nested) as parent:
         log_params(cfg.model_dump(exclude={"finetune"}) | {"finetune": base.model_dump()})
         tuner = tune.Tuner(
             tune.with_resources(
@@ -160,15 +172,22 @@ def run_sweep(spec, cfg: SweepConfig) -> dict:
         )
         results = tuner.fit()
         best = results.get_best_result(metric="val_mae", mode="min", scope="all")
-        best_finetune = cfg.finetune.model_copy(update={k: best.config[k] for k in SEARCHED})
+        best_finetune = cfg.finetune.model_copy(update={k: best.config[k] for k in cfg.searched})
         output = Path(cfg.output) if cfg.output else home_dir() / "sweeps" / cfg.name / "best.yaml"
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(yaml.safe_dump({"finetune": best_finetune.model_dump()}, sort_keys=False))
         best_mae = float(best.metrics_dataframe["val_mae"].min())
-        mlflow.log_metrics({"best_val_mae": best_mae} | {f"best_{k}": float(best.config[k]) for k in SEARCHED})
+        mlflow.log_metrics({"best_val_mae": best_mae} | {f"best_{k}": float(best.config[k]) for k in cfg.searched})
         mlflow.log_artifact(str(output))
         _end_stopped_trial_runs(parent.info.run_id)
-    return {"best_config": str(output), "best_val_mae": best_mae, "trials": len(results), "parent_run_id": parent.info.run_id}
+    best_values = {k: float(best.config[k]) for k in cfg.searched}
+    return {
+        "best_config": str(output),
+        "best_val_mae": best_mae,
+        "best_values": best_values,
+        "trials": len(results),
+        "parent_run_id": parent.info.run_id,
+    }
 
 
 def _end_stopped_trial_runs(parent_id: str) -> None:
