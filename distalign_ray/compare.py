@@ -107,6 +107,9 @@ class CompareConfig(BaseModel):
         description="attribute task: score each attribute template alone with samples_per_context samples (the paper's "
         "protocol); false pools the templates, splitting the samples",
     )
+    templates: list[str] | None = Field(
+        None, description="score only these attribute templates (e.g. [attribute_0], to rerun one cell); default: every one"
+    )
     finetune: FinetuneConfig = Field(
         default_factory=FinetuneConfig, description="fine-tuning settings of every trained method (loss_mode set per method)"
     )
@@ -159,7 +162,9 @@ def plan_cells(cfg: CompareConfig, methods: list[Method], specs: dict) -> list[C
                 for task in cfg.tasks:
                     if task == "story" and not _in_story(cfg, method, dataset):
                         continue
-                    cells += [Cell(dataset, dataset, method, task, t, seed) for t in cell_templates(spec, task, cfg.per_template)]
+                    templates = cell_templates(spec, task, cfg.per_template)
+                    chosen = [t for t in templates if task != "attribute" or cfg.templates is None or t in cfg.templates]
+                    cells += [Cell(dataset, dataset, method, task, t, seed) for t in chosen]
                 abroad = cfg.cross_country.get(dataset)
                 if abroad and method.trained and "attribute" in cfg.tasks:
                     cells.append(Cell(dataset, abroad, method, CROSS_COUNTRY, cfg.cross_country_template, seed))
@@ -291,6 +296,10 @@ def validate_compare(cfg: CompareConfig):
     outside = [d for d in cfg.story_datasets or [] if d not in cfg.datasets]
     if outside:
         raise DistalignError(f"story_datasets: {outside[0]!r} is not among the compared datasets")
+    known = {t for name in cfg.datasets for t in cell_templates(specs[name], "attribute", cfg.per_template)}
+    unknown = [t for t in cfg.templates or [] if t not in known]
+    if unknown:
+        raise DistalignError(f"templates: unknown attribute template {unknown[0]!r}; the datasets have {', '.join(sorted(known))}")
     unknown = [t for t in cfg.tasks if t not in TASKS]
     if unknown:
         raise DistalignError(f"unknown task {unknown[0]!r}; choose from {TASKS}")
@@ -488,27 +497,94 @@ class ReportContext:
 PAPER_TEMPLATES = ("attribute_0", "attribute_1")  # the paper's v1 and v2 prompts: the summary's columns
 
 
-def summary_markdown(rows: list[dict]) -> str:
-    """Datasets x methods: MAE mean ± sd over seeds of the mean over the paper's templates; the best per row in bold."""
-    names = [m.name for m in get_methods(None) if any(r["method"] == m.name for r in rows)]
-    table = {}
+def paper_template_maes(rows: list[dict]) -> dict[str, dict[str, list[float]]]:
+    """dataset -> method -> per seed, the attribute MAE averaged over the paper's two templates."""
+    table: dict[str, dict[str, dict[int, list[float]]]] = {}
     for r in rows:
         if r["task"] == "attribute" and r["template"] in PAPER_TEMPLATES:
             table.setdefault(r["dataset"], {}).setdefault(r["method"], {}).setdefault(r["seed"], []).append(r["mae"])
+    return {d: {m: [float(np.mean(v)) for v in seeds.values()] for m, seeds in by.items()} for d, by in sorted(table.items())}
+
+
+def _mean_sd(values: list[float]) -> str:
+    return f"{np.mean(values):.3f}" + (f" ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else "") + f" ({len(values)})"
+
+
+def summary_markdown(rows: list[dict]) -> str:
+    """Datasets x methods: MAE mean ± sd over seeds of the mean over the paper's templates; the best per row in bold."""
+    names = [m.name for m in get_methods(None) if any(r["method"] == m.name for r in rows)]
     lines = ["| dataset | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for dataset, by_method in sorted(table.items()):
-        per_seed = {m: [float(np.mean(v)) for v in seeds.values()] for m, seeds in by_method.items()}
+    for dataset, per_seed in paper_template_maes(rows).items():
         best = min(per_seed, key=lambda m: np.mean(per_seed[m]))
-        cells = []
-        for m in names:
-            if m not in per_seed:
-                cells.append("—")
-                continue
-            values = per_seed[m]
-            text = f"{np.mean(values):.3f}" + (f" ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else "") + f" ({len(values)})"
-            cells.append(f"**{text}**" if m == best else text)
+        cells = ["—" if m not in per_seed else f"**{_mean_sd(per_seed[m])}**" if m == best else _mean_sd(per_seed[m]) for m in names]
         lines.append(f"| {dataset} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def discussion_lines(rows: list[dict]) -> list[str]:
+    """What the numbers say, computed from them (so the text cannot drift from the tables)."""
+    lines = []
+    table = paper_template_maes(rows)
+    with_hybrid = {d: by for d, by in table.items() if "hybrid" in by and len(by) > 1}
+    lowest = [d for d, by in with_hybrid.items() if min(by, key=lambda m: np.mean(by[m])) == "hybrid"]
+    if with_hybrid:
+        lines.append(
+            f"- Hybrid has the lowest mean attribute MAE on {len(lowest)} of {len(with_hybrid)} datasets with results"
+            + (f" ({', '.join(lowest)})." if lowest else ".")
+        )
+    for dataset, by in with_hybrid.items():
+        best = min(by, key=lambda m: np.mean(by[m]))
+        if best == "hybrid":
+            continue
+        apart = max(by[best]) < min(by["hybrid"])
+        lines.append(
+            f"- {dataset}: {best} {_mean_sd(by[best])} against hybrid {_mean_sd(by['hybrid'])}; "
+            + ("every seed of it is below every seed of hybrid." if apart else "their seeds overlap: no order is shown.")
+        )
+    scored = [r for r in rows if not math.isnan(r["noise_p_value"])]
+    if scored:
+        within = [r for r in scored if r["noise_p_value"] >= 0.05]
+        methods = sorted({r["method"] for r in within})
+        lines.append(
+            f"- Within sampling noise (calibrated-sampler test, p ≥ 0.05): {len(within)} of {len(scored)} cells"
+            + (f" ({', '.join(methods)})." if methods else "; no other cell may be called calibrated.")
+        )
+    trained = {m.name for m in get_methods(None) if m.trained}
+    for kind, group in (
+        ("trained", [r for r in rows if r["method"] in trained]),
+        ("untrained", [r for r in rows if r["method"] not in trained]),
+    ):
+        cut = [r["cut_rate"] for r in group if not math.isnan(r["cut_rate"])]
+        if cut:
+            lines.append(f"- Answers cut by max_new_tokens ({kind} methods): mean {np.mean(cut):.1%}, at most {max(cut):.1%} in a cell.")
+    for method in [m.name for m in get_methods(None) if m.trained]:
+        held = [r["mae"] for r in rows if r["method"] == method and r["template"] == "held_out_0"]
+        seen = [r["mae"] for r in rows if r["method"] == method and r["task"] == "attribute" and r["template"] in PAPER_TEMPLATES]
+        if held and seen:
+            lines.append(f"- {method}: held-out paraphrase MAE {np.mean(held):.3f} against {np.mean(seen):.3f} on the trained templates.")
+    agreement = [r["judge_lexical_agreement"] for r in rows if not math.isnan(r.get("judge_lexical_agreement", math.nan))]
+    if agreement:
+        lines.append(
+            f"- Story judge against the lexical classifier: {np.mean(agreement):.1%} agreement (mean over {len(agreement)} cells)."
+        )
+    return lines or ["- No finished cell yet."]
+
+
+def rerun_command(cfg: CompareConfig, tuning: dict[str, dict], method: str, dataset: str, template: str, seed: int) -> str:
+    """The command that reruns one attribute cell from a fresh clone, under a new name (nothing reused),
+    with the tuned values and every setting that differs from a setting's default."""
+
+    def flat(value) -> str:
+        return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("\n...")
+
+    sets = {"seeds": f"[{seed}]", "templates": f"[{template}]", "cross_country": "{}", "tune.trials": "0"}
+    grid = {"name", "datasets", "methods", "tasks", "seeds", "templates", "cross_country", "tune", "finetune", "estimate"}
+    sets |= {k: flat(v) for k, v in cfg.model_dump(exclude_defaults=True, exclude=grid).items()}
+    for section in ("finetune", "estimate"):
+        sets |= {f"{section}.{k}": flat(v) for k, v in getattr(cfg, section).model_dump(exclude_defaults=True).items()}
+    sets |= {f"finetune.{k}": repr(v) for k, v in tuning.get(method, {}).get("values", {}).items()}
+    flags = " ".join(f"--set '{k}={v}'" for k, v in sets.items())
+    return f"distalign compare --name rerun-{method}-{seed} --datasets {dataset} --methods {method} --tasks attribute {flags}"
 
 
 def results_document(rows: list[dict], ctx: ReportContext) -> str:
@@ -549,6 +625,20 @@ def results_document(rows: list[dict], ctx: ReportContext) -> str:
         f"- compute: {ctx.compute_seconds / 3600:.1f} h of finished tuning, training and estimation on 2 CPU cores "
         f"(this invocation {ctx.invocation_seconds / 60:.0f} min)"
     )
+    example = next((r for r in rows if r["method"] == "hybrid" and r["task"] == "attribute"), rows[0] if rows else None)
+    if example:
+        command = rerun_command(cfg, ctx.tuning, example["method"], example["dataset"], example["template"], example["seed"])
+        lines += [
+            "",
+            "## Rerunning a cell",
+            "",
+            f"From a fresh clone (`make install`), this reruns the {example['method']} cell of {example['dataset']}, "
+            f"{example['template']}, seed {example['seed']} (MAE {example['mae']:.4f} above) with the tuned values, "
+            "training again under a new name; the same seed gives the same numbers. Other cells: change the "
+            "method, dataset, template and seed (and the tuned values).",
+            "",
+            f"    {command}",
+        ]
     lines += ["", "## Tuning (the same Ray Tune budget for every trained method)", ""]
     if ctx.tuning:
         tune = cfg.tune
@@ -570,6 +660,10 @@ def results_document(rows: list[dict], ctx: ReportContext) -> str:
         "## Summary (attribute task: MAE mean ± sd over seeds (n) of the mean over the paper's two templates; best in bold)",
         "",
         summary_markdown(rows),
+        "",
+        "## What the numbers say (generated from them)",
+        "",
+        *discussion_lines(rows),
         "",
         "## Per dataset (every template and task; MAE mean ± sd over seeds; each seed's MAE with its 95% basic bootstrap interval)",
     ]

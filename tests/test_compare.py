@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import shlex
 
 import mlflow
 import pytest
 import yaml
 
-from distalign_ray.compare import CompareConfig, results_markdown, run_compare, write_results
+from distalign_ray.cli_config import command_config
+from distalign_ray.compare import CompareConfig, collect_results, results_markdown, run_compare, write_results
 from distalign_ray.errors import DistalignError
 from distalign_ray.methods import METHODS, get_methods
 
@@ -52,6 +54,13 @@ def test_cells_per_template_seed_and_cross_country():
     assert len({c.key for c in cells}) == len(cells) == 11
     every_seed = plan_cells(cfg.model_copy(update={"untrained_every_seed": True}), methods, specs)
     assert len(every_seed) == 14
+    one = plan_cells(cfg.model_copy(update={"templates": ["attribute_0"], "seeds": [1], "cross_country": {}}), methods, specs)
+    assert [c.key for c in one] == [
+        "gender-uk-real|zero-shot|attribute|attribute_0|seed-1",
+        "gender-uk-real|hybrid|attribute|attribute_0|seed-1",
+    ]
+    with pytest.raises(DistalignError, match="templates: unknown attribute template 'v3'"):
+        validate_compare(cfg.model_copy(update={"templates": ["v3"]}))
     pooled = plan_cells(cfg.model_copy(update={"per_template": False, "cross_country": {}}), methods, specs)
     assert [c.template for c in pooled] == ["pooled"] * 3
 
@@ -140,13 +149,22 @@ def test_report_says_how_far_the_run_got_and_what_tuning_chose():
     rows = [_cell("zero-shot", 0, 0.3, template=t) for t in ("attribute_0", "attribute_1")]
     rows += [_cell("hybrid", s, m, template=t) for s, m in ((0, 0.1), (1, 0.14)) for t in ("attribute_0", "attribute_1")]
     rows += [_cell("hybrid", 0, 0.5, template="held_out_0")]  # not in the summary: the paper's two templates only
+    rows += [
+        _cell(m, s, v, dataset="d2", noise_p_value=0.0)
+        for m, s, v in (("ift", 0, 0.05), ("ift", 1, 0.06), ("hybrid", 0, 0.2), ("hybrid", 1, 0.25))
+    ]
     tuning = {"hybrid": {"values": {"lr": 0.0011, "beta": 0.21}, "best_val_mae": 0.05, "trials": 4, "dataset": "gender-uk-real"}}
     report = results_document(rows, ReportContext(cfg, specs, tuning, 30, 7200.0, 600.0))
-    assert "**partial: 7 of 30 cells finished**" in report
+    assert "**partial: 11 of 30 cells finished**" in report
     assert "| hybrid | lr 0.0011, beta 0.21 | 0.050 |" in report
-    assert "| d1 | 0.300 (1) | **0.120 ± 0.028 (2)** |" in report  # mean over templates per seed, then over seeds
+    assert "| d1 | 0.300 (1) | — | **0.120 ± 0.028 (2)** |" in report  # mean over templates per seed, then over seeds
     assert "  - gender-us-real: 28 prompts, 5 per batch; 18 SFT steps (steering methods), 36 steps" in report
     assert "- compute: 2.0 h of finished tuning" in report and "### d1" in report
+    # the discussion is computed from the rows
+    assert "- Hybrid has the lowest mean attribute MAE on 1 of 2 datasets with results (d1)." in report
+    assert "- d2: ift 0.055 ± 0.007 (2) against hybrid 0.225 ± 0.035 (2); every seed of it is below every seed of hybrid." in report
+    assert "- Within sampling noise (calibrated-sampler test, p ≥ 0.05): 7 of 11 cells (hybrid, zero-shot)." in report
+    assert "- hybrid: held-out paraphrase MAE 0.500 against 0.155 on the trained templates." in report
 
 
 @pytest.mark.slow
@@ -189,3 +207,16 @@ def test_every_trained_method_gets_the_same_tune_budget_first(ray_cluster, tiny_
 
     run_compare(cfg)  # tuned values, adapters and cells are reused: no new run
     assert len(mlflow.search_runs(experiment_names=["distalign"])) == len(runs)
+
+    # The report's rerun command (a new name: nothing reused, trained again) reproduces the cell's numbers.
+    command = next(line.strip() for line in report.read_text().splitlines() if line.strip().startswith("distalign compare"))
+    argv = shlex.split(command)
+    flags = {"name": argv[argv.index("--name") + 1], "datasets": [argv[argv.index("--datasets") + 1]]}
+    flags |= {"methods": [argv[argv.index("--methods") + 1]], "tasks": ["attribute"]}
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    again, _ = command_config("compare", None, flags, sets)
+    rerun = run_compare(again)
+    original = [r for r in collect_results(parent["run_id"]) if r["method"] == flags["methods"][0]]
+    assert [
+        (r["method"], r["template"], r["seed"], r["mae"], r["unmatched_rate"]) for r in rerun if r["method"] == flags["methods"][0]
+    ] == [(r["method"], r["template"], r["seed"], r["mae"], r["unmatched_rate"]) for r in original]
