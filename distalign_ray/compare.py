@@ -116,7 +116,7 @@ class CompareConfig(BaseModel):
     estimate: EstimateConfig = Field(
         default_factory=lambda: EstimateConfig(max_new_tokens=256, story_classifier="judge"),
         description="estimation settings of every cell (task, adapter and prompt engineering set per cell); 256 new "
-        "tokens: zero-shot answers that stop at all stop within it (docs/results.md), the judge labels stories",
+        "tokens: zero-shot answers that stop at all stop within it (README, answer length), the judge labels stories",
     )
     capability: bool = Field(True, description="perplexity / KL-from-base on neutral text for every fine-tune")
     lm_eval_tasks: list[str] = Field(default_factory=list, description="optional lm-eval tasks (needs lm-eval and its data)")
@@ -352,8 +352,7 @@ def run_compare(cfg: CompareConfig, console=None, report: str | Path | None = No
         done = finished_cells(parent.info.run_id)
         for cell in cells:
             method, seed = cell.method, cell.seed
-            trained_on = specs[cell.trained_on]
-            adapter = _train(method, cell.trained_on, seed, cfg, adapters, trained_on, tuned) if method.trained else None
+            adapter = _train(method, cell.trained_on, seed, cfg, adapters, specs[cell.trained_on], tuned) if method.trained else None
             if cell.key in done:
                 console.print(f"skip {cell.key} (finished in run {done[cell.key]})")
                 continue
@@ -558,7 +557,7 @@ def discussion_lines(rows: list[dict]) -> list[str]:
         if cut:
             lines.append(f"- Answers cut by max_new_tokens ({kind} methods): mean {np.mean(cut):.1%}, at most {max(cut):.1%} in a cell.")
     for method in [m.name for m in get_methods(None) if m.trained]:
-        held = [r["mae"] for r in rows if r["method"] == method and r["template"] == "held_out_0"]
+        held = [r["mae"] for r in rows if r["method"] == method and r["template"].startswith("held_out")]
         seen = [r["mae"] for r in rows if r["method"] == method and r["task"] == "attribute" and r["template"] in PAPER_TEMPLATES]
         if held and seen:
             lines.append(f"- {method}: held-out paraphrase MAE {np.mean(held):.3f} against {np.mean(seen):.3f} on the trained templates.")
