@@ -46,12 +46,14 @@ def build_trainer(cfg: FinetuneConfig, loop_config: dict, name: str, storage_pat
 
 
 def fit_in_thread(trainer, while_fitting: Callable[[], None] | None = None):
-    """`trainer.fit()` in a helper thread; the calling thread runs `while_fitting()` (which may block
-    up to about a second) until the fit ends, and returns its Result or raises its error.
+    """`trainer.fit()` (a Ray Train trainer or a Tune Tuner) in a helper thread; the calling thread runs
+    `while_fitting()` (which may block up to about a second) until the fit ends, and returns its Result
+    or raises its error.
 
     In the main thread, Ray Train's fit installs its own SIGINT handler for good: Ctrl-C then ends
     the process with exit code 1 (or leaves the command running after the fit) instead of raising
-    KeyboardInterrupt, so runs could not end KILLED. Outside the main thread it installs none."""
+    KeyboardInterrupt, so runs could not end KILLED; Tune's fit catches Ctrl-C and returns the trials
+    so far, as if the search had ended. Outside the main thread neither installs a handler."""
     outcome: dict = {}
 
     def fit() -> None:

@@ -114,7 +114,7 @@ def run_sweep(spec, cfg: SweepConfig, nested: bool = False) -> dict:
     from distalign_ray.tracking.mlflow_store import check_tracking, log_params, start_run, tracking_uri
     from distalign_ray.training.budget import plan_budget
     from distalign_ray.training.finetune import validate_finetune
-    from distalign_ray.training.launcher import train_storage
+    from distalign_ray.training.launcher import fit_in_thread, train_storage
 
     check_tracking()
     base = cfg.finetune.model_copy(update={"templates": cfg.train_templates, "validation_templates": cfg.validation_templates})
@@ -170,7 +170,11 @@ def run_sweep(spec, cfg: SweepConfig, nested: bool = False) -> dict:
                 ],
             ),
         )
-        results = tuner.fit()
+        try:
+            results = fit_in_thread(tuner)  # in the main thread Tune would swallow Ctrl-C and return a partial grid
+        except KeyboardInterrupt:
+            _end_stopped_trial_runs(parent.info.run_id)  # the trials' runs end KILLED with the sweep's
+            raise
         best = results.get_best_result(metric="val_mae", mode="min", scope="all")
         best_finetune = cfg.finetune.model_copy(update={k: best.config[k] for k in cfg.searched})
         output = Path(cfg.output) if cfg.output else home_dir() / "sweeps" / cfg.name / "best.yaml"
