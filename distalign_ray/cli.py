@@ -166,7 +166,7 @@ def cmd_ui(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from distalign_ray.compare import run_compare
+    from distalign_ray.compare.run import run_compare
 
     run_compare(_load_config(args, "compare"), report=args.report)
     return 0

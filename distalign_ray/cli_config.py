@@ -24,7 +24,7 @@ def config_model(command: str) -> type[BaseModel]:
     elif command == "quickstart":
         from distalign_ray.quickstart import QuickstartConfig as model
     elif command == "compare":
-        from distalign_ray.compare import CompareConfig as model
+        from distalign_ray.compare.grid import CompareConfig as model
     else:
         from distalign_ray.tuning.sweep import SweepConfig as model
     return model

@@ -10,7 +10,9 @@ import pytest
 import yaml
 
 from distalign_ray.cli_config import command_config
-from distalign_ray.compare import CompareConfig, collect_results, results_markdown, run_compare, write_results
+from distalign_ray.compare.grid import CompareConfig, plan_cells, validate_compare
+from distalign_ray.compare.report import ReportContext, results_document, results_markdown, write_results
+from distalign_ray.compare.run import collect_results, run_compare
 from distalign_ray.errors import DistalignError
 from distalign_ray.methods import METHODS, get_methods
 
@@ -31,8 +33,6 @@ def _cell(method: str, seed: int, mae: float, **metrics) -> dict:
 
 
 def test_cells_per_template_seed_and_cross_country():
-    from distalign_ray.compare import plan_cells, validate_compare
-
     cfg = CompareConfig(datasets=["gender-uk-real"], methods=["zero-shot", "hybrid"], seeds=[0, 1])
     methods, specs = validate_compare(cfg)
     cells = plan_cells(cfg, methods, specs)
@@ -66,8 +66,6 @@ def test_cells_per_template_seed_and_cross_country():
 
 
 def test_story_cells_only_for_the_chosen_methods_and_datasets():
-    from distalign_ray.compare import plan_cells, validate_compare
-
     cfg = CompareConfig(
         datasets=["gender-uk-real", "race-us-even"],
         methods=["zero-shot", "ift", "hybrid"],
@@ -142,8 +140,6 @@ def test_every_method_trains_and_estimates_and_rerun_resumes(ray_cluster, tiny_m
 
 
 def test_report_says_how_far_the_run_got_and_what_tuning_chose():
-    from distalign_ray.compare import ReportContext, results_document, validate_compare
-
     cfg = CompareConfig(datasets=["gender-uk-real", "gender-us-real"], methods=["zero-shot", "hybrid"], seeds=[0, 1])
     _, specs = validate_compare(cfg)
     rows = [_cell("zero-shot", 0, 0.3, template=t) for t in ("attribute_0", "attribute_1")]

@@ -1,0 +1,334 @@
+"""The comparison's results: the per-cell table (results.csv), tables over seeds, the heatmap, and
+the Markdown report with its discussion computed from the numbers."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from distalign_ray import storage
+from distalign_ray.compare.grid import CompareConfig, tune_dataset
+from distalign_ray.methods import get_methods
+
+CELL_COLUMNS = ("dataset", "task", "template", "method", "seed", "samples")
+
+
+METRIC_COLUMNS = (
+    "mae",
+    "mae_ci_low",
+    "mae_ci_high",
+    "mae_debiased",
+    "kl",
+    "js",
+    "unmatched_rate",
+    "cut_rate",
+    "noise_floor_mae",
+    "noise_p_value",
+    "readout_mae",
+    "judge_lexical_agreement",
+)
+
+
+RESULT_COLUMNS = CELL_COLUMNS + METRIC_COLUMNS + ("trained_on",)
+
+
+def over_seeds(rows: list[dict]) -> list[dict]:
+    """One row per dataset x task x template x method: MAE mean and sd over seeds, the other metrics' means,
+    and each seed's MAE with its interval."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["task"], r["template"], r["method"]), []).append(r)
+    out = []
+    for (dataset, task, template, method), cells in groups.items():
+        maes = np.array([c["mae"] for c in cells])
+        readouts = [c["readout_mae"] for c in cells if c["readout_mae"] is not None and not math.isnan(c["readout_mae"])]
+        out.append(
+            {
+                "dataset": dataset,
+                "task": task,
+                "template": template,
+                "method": method,
+                "seeds": len(cells),
+                "mae_mean": float(maes.mean()),
+                "mae_sd": float(maes.std(ddof=1)) if len(cells) > 1 else math.nan,
+                "per_seed": [(c["seed"], c["mae"], c["mae_ci_low"], c["mae_ci_high"]) for c in cells],
+                "unmatched_rate": float(np.mean([c["unmatched_rate"] for c in cells])),
+                "cut_rate": float(np.mean([c["cut_rate"] for c in cells])),
+                "noise_floor_mae": float(np.mean([c["noise_floor_mae"] for c in cells])),
+                "noise_p_value": float(np.max([c["noise_p_value"] for c in cells])),
+                "readout_mae": float(np.mean(readouts)) if readouts else math.nan,
+            }
+        )
+    return out
+
+
+def results_markdown(rows: list[dict]) -> str:
+    lines = [
+        "| dataset | task | template | method | MAE mean ± sd (seeds) | MAE per seed (95% CI) | unmatched | cut | noise floor (max p) | readout MAE |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in over_seeds(rows):
+        readout = "" if math.isnan(r["readout_mae"]) else f"{r['readout_mae']:.3f}"
+        spread = "" if math.isnan(r["mae_sd"]) else f" ± {r['mae_sd']:.3f}"
+        per_seed = "; ".join(f"s{seed}: {m:.3f} ({lo:.3f}–{hi:.3f})" for seed, m, lo, hi in r["per_seed"])
+        lines.append(
+            f"| {r['dataset']} | {r['task']} | {r['template']} | {r['method']} | {r['mae_mean']:.3f}{spread} ({r['seeds']}) | {per_seed} | "
+            f"{r['unmatched_rate']:.1%} | {r['cut_rate']:.1%} | {r['noise_floor_mae']:.3f} ({r['noise_p_value']:.2f}) | {readout} |"
+        )
+    return "\n".join(lines)
+
+
+# The paper's headline MAEs (method doc §5: model not named, task variant not stated).
+PAPER_REFERENCE_MAE = {
+    ("gender-uk-real", "attribute"): 0.084,
+    ("gender-us-real", "attribute"): 0.068,
+    ("gender-uk-even", "attribute"): 0.046,
+    ("race-us-even", "attribute"): 0.072,
+    ("sentiment-us-even", "attribute"): 0.075,
+    ("gender-uk-real", "story"): 0.22,
+    ("gender-us-real", "story"): 0.25,
+}
+
+
+@dataclass(frozen=True)
+class ReportContext:
+    """What the report says besides the cells: the grid, the tuning, and how far and how long it ran."""
+
+    cfg: CompareConfig
+    specs: dict
+    tuning: dict[str, dict]
+    planned_cells: int
+    compute_seconds: float
+    invocation_seconds: float
+
+
+PAPER_TEMPLATES = ("attribute_0", "attribute_1")  # the paper's v1 and v2 prompts: the summary's columns
+
+
+def paper_template_maes(rows: list[dict]) -> dict[str, dict[str, list[float]]]:
+    """dataset -> method -> per seed, the attribute MAE averaged over the paper's two templates."""
+    table: dict[str, dict[str, dict[int, list[float]]]] = {}
+    for r in rows:
+        if r["task"] == "attribute" and r["template"] in PAPER_TEMPLATES:
+            table.setdefault(r["dataset"], {}).setdefault(r["method"], {}).setdefault(r["seed"], []).append(r["mae"])
+    return {d: {m: [float(np.mean(v)) for v in seeds.values()] for m, seeds in by.items()} for d, by in sorted(table.items())}
+
+
+def _mean_sd(values: list[float]) -> str:
+    return f"{np.mean(values):.3f}" + (f" ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else "") + f" ({len(values)})"
+
+
+def summary_markdown(rows: list[dict]) -> str:
+    """Datasets x methods: MAE mean ± sd over seeds of the mean over the paper's templates; the best per row in bold."""
+    names = [m.name for m in get_methods(None) if any(r["method"] == m.name for r in rows)]
+    lines = ["| dataset | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for dataset, per_seed in paper_template_maes(rows).items():
+        best = min(per_seed, key=lambda m: np.mean(per_seed[m]))
+        cells = ["—" if m not in per_seed else f"**{_mean_sd(per_seed[m])}**" if m == best else _mean_sd(per_seed[m]) for m in names]
+        lines.append(f"| {dataset} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def discussion_lines(rows: list[dict]) -> list[str]:
+    """What the numbers say, computed from them (so the text cannot drift from the tables)."""
+    lines = []
+    table = paper_template_maes(rows)
+    with_hybrid = {d: by for d, by in table.items() if "hybrid" in by and len(by) > 1}
+    lowest = [d for d, by in with_hybrid.items() if min(by, key=lambda m: np.mean(by[m])) == "hybrid"]
+    if with_hybrid:
+        lines.append(
+            f"- Hybrid has the lowest mean attribute MAE on {len(lowest)} of {len(with_hybrid)} datasets with results"
+            + (f" ({', '.join(lowest)})." if lowest else ".")
+        )
+    for dataset, by in with_hybrid.items():
+        best = min(by, key=lambda m: np.mean(by[m]))
+        if best == "hybrid":
+            continue
+        apart = max(by[best]) < min(by["hybrid"])
+        lines.append(
+            f"- {dataset}: {best} {_mean_sd(by[best])} against hybrid {_mean_sd(by['hybrid'])}; "
+            + ("every seed of it is below every seed of hybrid." if apart else "their seeds overlap: no order is shown.")
+        )
+    scored = [r for r in rows if not math.isnan(r["noise_p_value"])]
+    if scored:
+        within = [r for r in scored if r["noise_p_value"] >= 0.05]
+        methods = sorted({r["method"] for r in within})
+        lines.append(
+            f"- Within sampling noise (calibrated-sampler test, p ≥ 0.05): {len(within)} of {len(scored)} cells"
+            + (f" ({', '.join(methods)})." if methods else "; no other cell may be called calibrated.")
+        )
+    trained = {m.name for m in get_methods(None) if m.trained}
+    for kind, group in (
+        ("trained", [r for r in rows if r["method"] in trained]),
+        ("untrained", [r for r in rows if r["method"] not in trained]),
+    ):
+        cut = [r["cut_rate"] for r in group if not math.isnan(r["cut_rate"])]
+        if cut:
+            lines.append(f"- Answers cut by max_new_tokens ({kind} methods): mean {np.mean(cut):.1%}, at most {max(cut):.1%} in a cell.")
+    for method in [m.name for m in get_methods(None) if m.trained]:
+        held = [r["mae"] for r in rows if r["method"] == method and r["template"].startswith("held_out")]
+        seen = [r["mae"] for r in rows if r["method"] == method and r["task"] == "attribute" and r["template"] in PAPER_TEMPLATES]
+        if held and seen:
+            lines.append(f"- {method}: held-out paraphrase MAE {np.mean(held):.3f} against {np.mean(seen):.3f} on the trained templates.")
+    agreement = [r["judge_lexical_agreement"] for r in rows if not math.isnan(r.get("judge_lexical_agreement", math.nan))]
+    if agreement:
+        lines.append(
+            f"- Story judge against the lexical classifier: {np.mean(agreement):.1%} agreement (mean over {len(agreement)} cells)."
+        )
+    return lines or ["- No finished cell yet."]
+
+
+def rerun_command(cfg: CompareConfig, tuning: dict[str, dict], method: str, dataset: str, template: str, seed: int) -> str:
+    """The command that reruns one attribute cell from a fresh clone, under a new name (nothing reused),
+    with the tuned values and every setting that differs from a setting's default."""
+
+    def flat(value) -> str:
+        return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("\n...")
+
+    sets = {"seeds": f"[{seed}]", "templates": f"[{template}]", "cross_country": "{}", "tune.trials": "0"}
+    grid = {"name", "datasets", "methods", "tasks", "seeds", "templates", "cross_country", "tune", "finetune", "estimate"}
+    sets |= {k: flat(v) for k, v in cfg.model_dump(exclude_defaults=True, exclude=grid).items()}
+    for section in ("finetune", "estimate"):
+        sets |= {f"{section}.{k}": flat(v) for k, v in getattr(cfg, section).model_dump(exclude_defaults=True).items()}
+    sets |= {f"finetune.{k}": repr(v) for k, v in tuning.get(method, {}).get("values", {}).items()}
+    flags = " ".join(f"--set '{k}={v}'" for k, v in sets.items())
+    return f"distalign compare --name rerun-{method}-{seed} --datasets {dataset} --methods {method} --tasks attribute {flags}"
+
+
+def results_document(rows: list[dict], ctx: ReportContext) -> str:
+    """The Markdown report of a comparison: budget, tuning, the summary, per-dataset tables, the paper beside ours."""
+    from distalign_ray.training.budget import plan_budget
+
+    cfg = ctx.cfg
+    est, ft = cfg.estimate, cfg.finetune
+    status = (
+        "complete"
+        if len(rows) >= ctx.planned_cells
+        else f"**partial: {len(rows)} of {ctx.planned_cells} cells finished** (`distalign compare` with the same config resumes)"
+    )
+    lines = [
+        f"# Results: comparison `{cfg.name}`",
+        "",
+        f"Generated by `distalign compare` from a real run (MLflow parent run tagged `compare={cfg.name}`); {status}.",
+        "",
+        "## Budget",
+        "",
+        f"- model: `{ft.model}`; datasets: {', '.join(cfg.datasets)}; tasks: {', '.join(cfg.tasks)}",
+        f"- seeds: {', '.join(map(str, cfg.seeds))} (each: one training per trained method, one sample per cell); untrained "
+        f"methods {'under every seed' if cfg.untrained_every_seed else f'under seed {cfg.seeds[0]} only'}; attribute templates "
+        f"{'scored one by one' if cfg.per_template else 'pooled'}",
+        f"- samples per context{' and template' if cfg.per_template else ''}: {est.samples_per_context or 'the spec value'}; "
+        f"contexts: {est.max_contexts or 'all'}; estimator: {est.estimator}; decoding T={est.temperature}, top-p={est.top_p}, "
+        f"top-k off, at most {est.max_new_tokens or 'the default'} new tokens, identical for every method",
+        f"- training (every trained method, in optimizer steps): lr {ft.lr} unless tuned, LoRA r={ft.lora.r}, "
+        f"{ft.num_workers} Ray Train workers",
+    ]
+    for name in cfg.datasets:
+        budget = plan_budget(ft, ctx.specs[name])
+        lines.append(
+            f"  - {name}: {budget.prompts} prompts, {budget.prompts_per_batch} per batch; {budget.sft_steps} SFT steps "
+            f"(steering methods), {budget.steps} steps of the method's own loss"
+        )
+    lines.append(
+        f"- compute: {ctx.compute_seconds / 3600:.1f} h of finished tuning, training and estimation on 2 CPU cores "
+        f"(this invocation {ctx.invocation_seconds / 60:.0f} min)"
+    )
+    example = next((r for r in rows if r["method"] == "hybrid" and r["task"] == "attribute"), rows[0] if rows else None)
+    if example:
+        command = rerun_command(cfg, ctx.tuning, example["method"], example["dataset"], example["template"], example["seed"])
+        lines += [
+            "",
+            "## Rerunning a cell",
+            "",
+            f"From a fresh clone (`make install`), this reruns the {example['method']} cell of {example['dataset']}, "
+            f"{example['template']}, seed {example['seed']} (MAE {example['mae']:.4f} above) with the tuned values, "
+            "training again under a new name; the same seed gives the same numbers. Other cells: change the "
+            "method, dataset, template and seed (and the tuned values).",
+            "",
+            f"    {command}",
+        ]
+    lines += ["", "## Tuning (the same Ray Tune budget for every trained method)", ""]
+    if ctx.tuning:
+        tune = cfg.tune
+        lines += [
+            f"{tune.trials} trials per method on {tune_dataset(cfg)} ({tune.scheduler}; the first trial runs the untuned settings; "
+            f"lr in [{tune.lr[0]:g}, {tune.lr[1]:g}], beta in [{tune.beta[0]:g}, {tune.beta[1]:g}] where the objective has one, "
+            "log-uniform), trained on its attribute templates and scored by val_mae on its held-out paraphrase.",
+            "",
+            "| method | chosen | best val_mae |",
+            "|---|---|---|",
+        ]
+        for method, chosen in ctx.tuning.items():
+            values = ", ".join(f"{k} {v:.3g}" for k, v in chosen["values"].items())
+            lines.append(f"| {method} | {values} | {chosen['best_val_mae']:.3f} |")
+    else:
+        lines.append("No search (`tune.trials: 0`): every method trains with the settings above.")
+    lines += [
+        "",
+        "## Summary (attribute task: MAE mean ± sd over seeds (n) of the mean over the paper's two templates; best in bold)",
+        "",
+        summary_markdown(rows),
+        "",
+        "## What the numbers say (generated from them)",
+        "",
+        *discussion_lines(rows),
+        "",
+        "## Per dataset (every template and task; MAE mean ± sd over seeds; each seed's MAE with its 95% basic bootstrap interval)",
+    ]
+    for dataset in sorted({r["dataset"] for r in rows}):
+        lines += ["", f"### {dataset}", "", results_markdown([r for r in rows if r["dataset"] == dataset])]
+    lines += [
+        "",
+        "## Beside the paper",
+        "",
+        "| dataset | task | ours: best method (mean MAE over templates and seeds) | ours: hybrid | paper (proposed method) |",
+        "|---|---|---|---|---|",
+    ]
+    for (dataset, task), by_method in mean_by_method(rows).items():
+        best = min(by_method, key=by_method.get)
+        hybrid = f"{by_method['hybrid']:.3f}" if "hybrid" in by_method else "—"
+        paper = PAPER_REFERENCE_MAE.get((dataset, task))
+        lines.append(f"| {dataset} | {task} | {best} ({by_method[best]:.3f}) | {hybrid} | {paper if paper else '—'} |")
+    return "\n".join(lines) + "\n"
+
+
+def mean_by_method(rows: list[dict]) -> dict[tuple[str, str], dict[str, float]]:
+    """(dataset, task) -> method -> MAE averaged over templates and seeds."""
+    sums: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for r in rows:
+        sums.setdefault((r["dataset"], r["task"]), {}).setdefault(r["method"], []).append(r["mae"])
+    return {key: {m: float(np.mean(v)) for m, v in methods.items()} for key, methods in sorted(sums.items())}
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    import csv
+    import io
+
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(RESULT_COLUMNS))
+    writer.writeheader()
+    writer.writerows(rows)
+    storage.write_text(str(path), text.getvalue())
+
+
+def write_results(rows: list[dict], folder: Path) -> None:
+    """results.csv (one row per cell), results.md (over seeds) and a heatmap of MAE (methods x datasets) per task."""
+    from distalign_ray.evaluation.plots import plot_heatmap
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, folder / "results.csv")
+    (folder / "results.md").write_text(results_markdown(rows) + "\n")
+    means = mean_by_method(rows)
+    for task in sorted({task for _, task in means}):
+        datasets = sorted({dataset for dataset, t in means if t == task})
+        methods = [m.name for m in get_methods(None) if any(m.name in means[(d, task)] for d in datasets)]
+        grid = np.full((len(methods), len(datasets)), np.nan)
+        for d in datasets:
+            for method, value in means[(d, task)].items():
+                grid[methods.index(method), datasets.index(d)] = value
+        title = f"MAE by method and dataset ({task} task; mean over templates and seeds)"
+        plot_heatmap(grid, methods, datasets, title, folder / f"heatmap_{task}.png")
