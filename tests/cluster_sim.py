@@ -31,22 +31,31 @@ BIN = Path(sys.executable).parent
 NODE_MARKER = "DISTALIGN_SIM_NODE"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports. The sockets stay bound until all are chosen: one at a time, the OS
+    can hand out the same port again (two Ray components then collide and the node never starts)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
-def node_ports() -> list[str]:
+def node_ports(head: bool = False) -> list[str]:
     """Every port a node opens, chosen free, so this cluster never collides with another local one."""
     low = random.randrange(20000, 31000, 200)  # worker ports: below the ephemeral range, above Ray's defaults
-    return [
-        f"--node-manager-port={free_port()}",
-        f"--object-manager-port={free_port()}",
-        f"--dashboard-agent-listen-port={free_port()}",
-        f"--dashboard-agent-grpc-port={free_port()}",
-        f"--metrics-export-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}",
+    ports = free_ports(7)
+    client = [f"--ray-client-server-port={ports[6]}"] if head else []
+    return client + [
+        f"--node-manager-port={ports[0]}",
+        f"--object-manager-port={ports[1]}",
+        f"--dashboard-agent-listen-port={ports[2]}",
+        f"--dashboard-agent-grpc-port={ports[3]}",
+        f"--metrics-export-port={ports[4]}",
+        f"--runtime-env-agent-port={ports[5]}",
         f"--min-worker-port={low}",
         f"--max-worker-port={low + 150}",
     ]
@@ -86,9 +95,7 @@ class SimulatedCluster:
         self.storage = self.shared / "storage"
         self.token = base / "token"
         self.cluster_id = f"sim-{secrets.token_hex(4)}"
-        self.port = free_port()
-        self.dashboard_port = free_port()
-        self.mlflow_port = free_port()
+        self.port, self.dashboard_port, self.mlflow_port = free_ports(3)
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         self.mlflow_uri = f"http://127.0.0.1:{self.mlflow_port}"
         self._mlflow: subprocess.Popen | None = None
@@ -136,8 +143,7 @@ class SimulatedCluster:
                     "--dashboard-host=127.0.0.1",
                     f"--dashboard-port={self.dashboard_port}",
                     "--include-dashboard=true",
-                    f"--ray-client-server-port={free_port()}",
-                    *node_ports(),
+                    *node_ports(head=True),
                 ],
                 env=self.head_env(),
                 check=True,

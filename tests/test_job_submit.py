@@ -6,7 +6,6 @@ import json
 import os
 import re
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -16,14 +15,9 @@ import mlflow
 import psutil
 import pytest
 import yaml
+from cluster_sim import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _stop_head(ray_tmpdir: str) -> None:
@@ -55,7 +49,7 @@ def test_quickstart_via_ray_job_submit(tiny_run_settings, tmp_path):
         RAY_AUTH_TOKEN=secrets.token_hex(16),
         PATH=f"{bin_dir}:{os.environ['PATH']}",
     )
-    port, dashboard_port = _free_port(), _free_port()
+    port, dashboard_port, *agent_ports = free_ports(7)
     address = f"http://127.0.0.1:{dashboard_port}"
     config = {"dataset": "gender-us-real", "output": str(tmp_path / "adapter"), **tiny_run_settings(num_workers=2)}
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
@@ -73,11 +67,11 @@ def test_quickstart_via_ray_job_submit(tiny_run_settings, tmp_path):
                 f"--dashboard-port={dashboard_port}",
                 "--include-dashboard=true",
                 # Own agent ports: the suite's other local cluster already holds Ray's default ones.
-                f"--dashboard-agent-listen-port={_free_port()}",
-                f"--dashboard-agent-grpc-port={_free_port()}",
-                f"--metrics-export-port={_free_port()}",
-                f"--runtime-env-agent-port={_free_port()}",
-                f"--ray-client-server-port={_free_port()}",
+                f"--dashboard-agent-listen-port={agent_ports[0]}",
+                f"--dashboard-agent-grpc-port={agent_ports[1]}",
+                f"--metrics-export-port={agent_ports[2]}",
+                f"--runtime-env-agent-port={agent_ports[3]}",
+                f"--ray-client-server-port={agent_ports[4]}",
             ],
             env=env,
             check=True,
