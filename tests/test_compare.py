@@ -153,6 +153,8 @@ def test_report_says_how_far_the_run_got_and_what_tuning_chose():
     report = results_document(rows, ReportContext(cfg, specs, tuning, 30, 7200.0, 600.0))
     assert "**partial: 11 of 30 cells finished**" in report
     assert "| hybrid | lr 0.0011, beta 0.21 | 0.050 |" in report
+    early = results_document([], ReportContext(cfg.model_copy(update={"methods": ["ift", "hybrid"]}), specs, tuning, 30, 0.0, 60.0))
+    assert "Not tuned yet: ift." in early and "**partial: 0 of 30 cells finished**" in early
     assert "| d1 | 0.300 (1) | — | **0.120 ± 0.028 (2)** |" in report  # mean over templates per seed, then over seeds
     assert "  - gender-us-real: 28 prompts, 5 per batch; 18 SFT steps (steering methods), 36 steps" in report
     assert "- compute: 2.0 h of finished tuning" in report and "### d1" in report

@@ -252,7 +252,7 @@ def results_document(rows: list[dict], ctx: ReportContext) -> str:
             f"    {command}",
         ]
     lines += ["", "## Tuning (the same Ray Tune budget for every trained method)", ""]
-    if ctx.tuning:
+    if cfg.tune.trials:
         tune = cfg.tune
         lines += [
             f"{tune.trials} trials per method on {tune_dataset(cfg)} ({tune.scheduler}; the first trial runs the untuned settings; "
@@ -265,6 +265,9 @@ def results_document(rows: list[dict], ctx: ReportContext) -> str:
         for method, chosen in ctx.tuning.items():
             values = ", ".join(f"{k} {v:.3g}" for k, v in chosen["values"].items())
             lines.append(f"| {method} | {values} | {chosen['best_val_mae']:.3f} |")
+        waiting = [m.name for m in get_methods(cfg.methods) if m.trained and m.name not in ctx.tuning]
+        if waiting:
+            lines += ["", f"Not tuned yet: {', '.join(waiting)}."]
     else:
         lines.append("No search (`tune.trials: 0`): every method trains with the settings above.")
     lines += [

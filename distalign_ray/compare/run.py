@@ -132,18 +132,19 @@ def run_compare(cfg: CompareConfig, console=None, report: str | Path | None = No
                 cfg.model_dump(exclude={"finetune", "estimate"})
                 | {"finetune": cfg.finetune.model_dump(), "estimate": cfg.estimate.model_dump()}
             )
-        tuning = {}
+        tuning: dict[str, dict] = {}
+        cells = plan_cells(cfg, methods, specs)
+
+        def publish() -> None:  # the report of everything finished so far, so an interrupted run's report is current
+            if report:
+                write_report(parent.info.run_id, report, ReportContext(cfg, specs, tuning, len(cells), 0.0, time.time() - started))
+
         for method in methods:
             if method.trained and cfg.tune.trials:
                 tuning[method.name] = _tune(method, cfg, specs, adapters, {m: t["values"] for m, t in tuning.items()})
                 mlflow.log_params({f"tuned.{method.name}.{k}": v for k, v in tuning[method.name]["values"].items()})
+                publish()
         tuned = {m: t["values"] for m, t in tuning.items()}
-        cells = plan_cells(cfg, methods, specs)
-
-        def publish() -> None:  # the report of every finished cell so far, so an interrupted run's report is current
-            if report:
-                write_report(parent.info.run_id, report, ReportContext(cfg, specs, tuning, len(cells), 0.0, time.time() - started))
-
         publish()
         done = finished_cells(parent.info.run_id)
         for cell in cells:
