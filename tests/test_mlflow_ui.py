@@ -13,6 +13,7 @@ import urllib.request
 
 import mlflow
 import pytest
+from cluster_sim import free_ports
 
 from distalign_ray.config import EstimateConfig, FinetuneConfig
 from distalign_ray.data.specs import load_dataset
@@ -21,14 +22,6 @@ from distalign_ray.tracking.mlflow_store import experiment_url, ui_command
 from distalign_ray.tuning.sweep import SweepConfig, run_sweep
 
 BROWSER = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rendered_dom(url: str, profile, width: int = 1600) -> str:
@@ -77,7 +70,7 @@ def test_sweep_trials_and_mae_in_the_mlflow_ui(ray_cluster, tiny_model_path, mlf
     trials = mlflow.search_runs([experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{result['parent_run_id']}'")
     assert len(trials) == 2
 
-    port = _free_port()
+    (port,) = free_ports(1)
     argv, env = ui_command(port=port)
     server = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
