@@ -57,7 +57,7 @@ lint: install-test
 test-fast: install-test
 	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -m "not slow and not cluster and not vllm and not browser"
 
-# Issue 11's matrix of unseen specs on the embedded model (docs/specs.md): about 8 min per spec on 2 cores.
+# Issue 11's matrix of unseen specs on the embedded model (docs/specs.md): 46 min on 2 cores.
 test-matrix: install-test system-libs
 	OMP_NUM_THREADS=1 DISTALIGN_REQUIRE_VLLM=1 DISTALIGN_MATRIX=1 $(VENV)/bin/pytest -q -s tests/test_unseen_specs.py
 

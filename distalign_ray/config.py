@@ -41,7 +41,7 @@ class FinetuneConfig(_Config):
             "kto_balance", "kto_reference", "kl_normalization", "score_steering_token",
         ),
         "optimiser and budget": (
-            "sft_epochs", "sft_lr", "epochs", "lr", "prompts_per_batch", "min_sft_steps", "min_steps",
+            "sft_epochs", "sft_lr", "epochs", "lr", "prompts_per_batch", "min_sft_steps", "min_sft_views", "min_steps",
             "warmup_ratio", "min_lr_ratio", "max_grad_norm", "weight_decay", "seed",
         ),
         "LoRA": ("lora",),
@@ -86,7 +86,7 @@ class FinetuneConfig(_Config):
         "auto", description="steering ids: digits 0..K-1 (auto for K <= 10) or added special tokens (auto above)"
     )
     sft_epochs: int | None = Field(
-        None, ge=0, description="stage-1 (SFT) epochs; default: at least 2 and enough for min_sft_steps; 0 = no SFT"
+        None, ge=0, description="stage-1 (SFT) epochs; default: at least 2 and enough for min_sft_steps and min_sft_views; 0 = no SFT"
     )
     sft_lr: float = Field(2e-3, gt=0, description="stage-1 peak learning rate")
     epochs: int | None = Field(None, ge=1, description="stage-2 (or baseline) epochs; default: at least 5 and enough for min_steps")
@@ -98,6 +98,12 @@ class FinetuneConfig(_Config):
         "default: ceil(prompts / 6), at most 8, so a small spec gets small batches and more steps",
     )
     min_sft_steps: int = Field(14, ge=0, description="stage-1 optimizer steps at least, when sft_epochs is not given")
+    min_sft_views: int = Field(
+        100,
+        ge=0,
+        description="stage-1 examples of each steering id's answer at least (prompts x SFT epochs), when sft_epochs is "
+        "not given: a spec with few prompts trains more SFT epochs, so the stage-2 KL term cannot unbind the ids",
+    )
     min_steps: int = Field(35, ge=0, description="stage-2 (or baseline) optimizer steps at least, when epochs is not given")
     binding_check: Literal["fail", "report"] = Field(
         "fail",

@@ -34,9 +34,16 @@ def test_quickstart_budget_is_unchanged():
 def test_small_spec_gets_small_batches_and_enough_steps():
     budget = plan_budget(FinetuneConfig(), _spec(6))  # 12 prompts: the spec of issue 11
     assert budget.prompts_per_batch == 2
-    assert (budget.sft_steps, budget.steps) == (18, 36)  # was 4 + 10 (8 per batch, 2 + 5 epochs)
+    assert (budget.sft_epochs, budget.sft_steps, budget.steps) == (9, 54, 36)  # was 4 + 10 (8 per batch, 2 + 5 epochs)
     tiny = plan_budget(FinetuneConfig(), _spec(3, templates=1))
-    assert (tiny.prompts_per_batch, tiny.sft_steps, tiny.steps) == (1, 15, 36)
+    assert (tiny.prompts_per_batch, tiny.sft_epochs, tiny.sft_steps, tiny.steps) == (1, 34, 102, 36)
+
+
+def test_every_answer_is_trained_as_often_as_in_the_quickstart():
+    for contexts, templates in ((1, 1), (3, 1), (6, 1), (14, 2), (25, 2), (40, 1), (50, 2)):
+        budget = plan_budget(FinetuneConfig(), _spec(contexts, templates))
+        assert budget.prompts * budget.sft_epochs >= 100, (contexts, templates)
+    assert plan_budget(FinetuneConfig(min_sft_views=0), _spec(3, templates=1)).sft_epochs == 5  # min_sft_steps alone
 
 
 def test_large_spec_does_not_train_longer_than_its_epochs():

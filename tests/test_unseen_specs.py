@@ -3,9 +3,9 @@ estimate again, on the embedded model. Every shape must bind its ids (the bindin
 to its targets than the base model, and give readable answers.
 
 Samples are few (about 400 per estimate), enough to tell the fine-tuned model from the base one, not
-to measure small MAEs. Cost on 2 cores: about 8 minutes per spec with up to 5 classes (commute-3:
-training 269 s), over 30 minutes for month-12 (144 steering rows per prompt), so the matrix runs with
-`make test-matrix` (DISTALIGN_MATRIX=1), not in `make test`; measured rows are in docs/specs.md.
+to measure small MAEs. Cost on 2 cores: 9-18 minutes a cell, 46 in all (docs/specs.md), so `make test` runs only the commute-3 cell
+(through the quickstart, tests/test_quickstart_embedded.py) and the whole matrix runs with
+`make test-matrix` (DISTALIGN_MATRIX=1); measured rows are in docs/specs.md.
 """
 
 from __future__ import annotations

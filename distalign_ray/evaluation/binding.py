@@ -145,7 +145,7 @@ def failure_message(
         f"binding check failed (thresholds: greedy {threshold:.0%}, sampled {answer_threshold:.0%}): "
         + "; ".join(weak)
         + f"; answers end where trained in {report.eos_rate:.0%}. The adapter's samples will not follow the "
-        "target: train longer (finetune.min_sft_steps, finetune.min_steps), use a smaller finetune.prompts_per_batch, "
+        "target: train longer (finetune.min_sft_views, finetune.min_sft_steps, finetune.min_steps), use a smaller finetune.prompts_per_batch, "
         "or give shorter answers in the spec's `answers`"
     )
 

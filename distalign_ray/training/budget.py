@@ -7,9 +7,11 @@ Unless a config gives them:
   for the same compute, large specs keep the batches the quickstart was tuned with;
 - epochs = enough for `min_sft_steps` (14) / `min_steps` (35) optimizer steps, and at least 2 SFT /
   5 stage-2 epochs: the quickstart's own budget (50 prompts: 8 per batch, 7 steps an epoch, 2 + 5
-  epochs) is unchanged; a 50-context spec (100 prompts) trains 2 + 5 epochs of 13 steps, not longer.
-Multi-token answers can need more SFT steps (a 3-class spec bound all its ids at 36, not at 18): the
-binding check after training says so (docs/specs.md).
+  epochs) is unchanged; a 50-context spec (100 prompts) trains 2 + 5 epochs of 13 steps, not longer;
+- SFT epochs also enough that every steering id's answer is trained `min_sft_views` (100) times
+  (prompts x epochs, the quickstart's 50 x 2): a 6-prompt spec bound its ids after 18 SFT steps, but
+  the stage-2 KL term, pushing one skewed context per step, then unbound them ("00000" after every
+  id); after 102 SFT steps the binding held (docs/specs.md).
 """
 
 from __future__ import annotations
@@ -48,10 +50,10 @@ class TrainingBudget:
         return asdict(self) | {"sft_steps": self.sft_steps, "steps": self.steps}
 
 
-def _epochs(given: int | None, floor: int, min_steps: int, steps_per_epoch: int) -> int:
+def _epochs(given: int | None, floor: int, min_steps: int, steps_per_epoch: int, min_epochs: int = 0) -> int:
     if given is not None:
         return given
-    return max(floor, math.ceil(min_steps / steps_per_epoch))
+    return max(floor, math.ceil(min_steps / steps_per_epoch), min_epochs)
 
 
 def plan_budget(cfg: FinetuneConfig, spec: DistributionSpec) -> TrainingBudget:
@@ -63,6 +65,8 @@ def plan_budget(cfg: FinetuneConfig, spec: DistributionSpec) -> TrainingBudget:
         prompts=prompts,
         prompts_per_batch=per_batch,
         steps_per_epoch=steps_per_epoch,
-        sft_epochs=_epochs(cfg.sft_epochs, DEFAULT_SFT_EPOCHS, cfg.min_sft_steps, steps_per_epoch),
+        sft_epochs=_epochs(
+            cfg.sft_epochs, DEFAULT_SFT_EPOCHS, cfg.min_sft_steps, steps_per_epoch, min_epochs=math.ceil(cfg.min_sft_views / prompts)
+        ),
         epochs=_epochs(cfg.epochs, DEFAULT_EPOCHS, cfg.min_steps, steps_per_epoch),
     )
