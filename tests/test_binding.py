@@ -14,6 +14,7 @@ def test_unbound_adapter_fails_the_check_in_one_line(tiny_model_path, mlflow_uri
     """A random tiny model cannot learn the binding in a few steps: the command must say so."""
     output = tmp_path / "adapter"
     argv = f"finetune --dataset gender-us-real --model {tiny_model_path} --num-workers 0 --epochs 1 --max-contexts 2 --output {output}"
+    argv += " --set finetune.min_sft_views=0"  # the step floor alone: too few SFT steps to bind
     code = main(argv.split())
     captured = capfd.readouterr()
     assert code == 3
@@ -26,6 +27,7 @@ def test_unbound_adapter_fails_the_check_in_one_line(tiny_model_path, mlflow_uri
     assert run.data.tags["binding_check"] == "failed"
     assert run.data.metrics["binding_accuracy_min"] < 0.95 or run.data.metrics["binding_answer_prob_min"] < 0.8
     assert run.data.params["budget.sft_steps"] == "16"  # 4 prompts, 1 per batch: 4 epochs reach 14 steps
+    assert run.data.params["min_sft_views"] == "0"
     report = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/binding.json"))
     assert report["prompts"] == 4 and report["categories"] == ["male", "female"]
     assert all(0 <= p <= 4 for p in report["answer_prob"])  # summed probabilities over the 4 prompts

@@ -137,7 +137,8 @@ def test_finetune_then_estimate_a_head_local_adapter(cluster):
     publishes it to storage, and the worker's engine reads it back from there."""
     tiny = str(cluster.shared / "models" / "tiny")
     output = cluster.head / "home" / "adapters" / "steered"
-    config = _config(cluster, "plumbing", {"finetune": {"binding_check": "report"}})  # a random tiny model binds nothing
+    # A random tiny model binds nothing; one SFT epoch keeps this plumbing test short.
+    config = _config(cluster, "plumbing", {"finetune": {"binding_check": "report", "sft_epochs": 1}})
     status, logs = cluster.run_job(
         [
             "jobs/finetune.py",
