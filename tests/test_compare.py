@@ -156,7 +156,7 @@ def test_report_says_how_far_the_run_got_and_what_tuning_chose():
     early = results_document([], ReportContext(cfg.model_copy(update={"methods": ["ift", "hybrid"]}), specs, tuning, 30, 0.0, 60.0))
     assert "Not tuned yet: ift." in early and "**partial: 0 of 30 cells finished**" in early
     assert "| d1 | 0.300 (1) | — | **0.120 ± 0.028 (2)** |" in report  # mean over templates per seed, then over seeds
-    assert "  - gender-us-real: 28 prompts, 5 per batch; 18 SFT steps (steering methods), 36 steps" in report
+    assert "  - gender-us-real: 28 prompts, 5 per batch; 24 SFT steps (steering methods), 36 steps" in report
     assert "- compute: 2.0 h of finished tuning" in report and "### d1" in report
     # the discussion is computed from the rows
     assert "- Hybrid has the lowest mean attribute MAE on 1 of 2 datasets with results (d1)." in report
