@@ -46,6 +46,15 @@ def test_every_answer_is_trained_as_often_as_in_the_quickstart():
     assert plan_budget(FinetuneConfig(min_sft_views=0), _spec(3, templates=1)).sft_epochs == 5  # min_sft_steps alone
 
 
+def test_only_the_steering_recipe_has_an_sft_stage():
+    # a Tune sweep's ASHA grace period and max_t count SFT epochs: IFT and DPO have none to count
+    for method in ("ift", "dpo"):
+        budget = plan_budget(FinetuneConfig(loss_mode=method), load_spec("gender-us-real"))
+        assert (budget.sft_epochs, budget.sft_steps) == (0, 0), method
+        assert budget.epochs == plan_budget(FinetuneConfig(), load_spec("gender-us-real")).epochs
+    assert plan_budget(FinetuneConfig(loss_mode="kto_only"), _spec(6)).sft_epochs == 9
+
+
 def test_large_spec_does_not_train_longer_than_its_epochs():
     budget = plan_budget(FinetuneConfig(), _spec(50))  # 100 prompts, 13 steps an epoch
     assert (budget.prompts_per_batch, budget.sft_epochs, budget.epochs) == (8, 2, 5)

@@ -12,6 +12,8 @@ Unless a config gives them:
   (prompts x epochs, the quickstart's 50 x 2): a 6-prompt spec bound its ids after 18 SFT steps, but
   the stage-2 KL term, pushing one skewed context per step, then unbound them ("00000" after every
   id); after 102 SFT steps the binding held (docs/specs.md).
+Only the steering recipe has an SFT stage: IFT and DPO get 0 SFT epochs, so a Tune sweep's ASHA
+schedule (tuning/sweep.py) gives every method the same stage-2 budget.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import asdict, dataclass
 from distalign_ray.config import FinetuneConfig
 from distalign_ray.data.prompts import build_prompts
 from distalign_ray.data.specs import DistributionSpec
+from distalign_ray.methods import trained_method
 
 MAX_AUTO_PROMPTS_PER_BATCH = 8
 AUTO_BATCHES_PER_EPOCH = 6
@@ -50,10 +53,10 @@ class TrainingBudget:
         return asdict(self) | {"sft_steps": self.sft_steps, "steps": self.steps}
 
 
-def _epochs(given: int | None, floor: int, min_steps: int, steps_per_epoch: int, min_epochs: int = 0) -> int:
+def _epochs(given: int | None, floor: int, min_steps: int, steps_per_epoch: int) -> int:
     if given is not None:
         return given
-    return max(floor, math.ceil(min_steps / steps_per_epoch), min_epochs)
+    return max(floor, math.ceil(min_steps / steps_per_epoch))
 
 
 def plan_budget(cfg: FinetuneConfig, spec: DistributionSpec) -> TrainingBudget:
@@ -61,12 +64,12 @@ def plan_budget(cfg: FinetuneConfig, spec: DistributionSpec) -> TrainingBudget:
     prompts = len(build_prompts(spec.subset(cfg.max_contexts), "attribute", cfg.templates))
     per_batch = cfg.prompts_per_batch or max(1, min(MAX_AUTO_PROMPTS_PER_BATCH, math.ceil(prompts / AUTO_BATCHES_PER_EPOCH)))
     steps_per_epoch = max(1, math.ceil(prompts / per_batch))
+    has_sft = trained_method(cfg.loss_mode).recipe == "steering"
+    sft_floor = max(DEFAULT_SFT_EPOCHS, math.ceil(cfg.min_sft_views / prompts))
     return TrainingBudget(
         prompts=prompts,
         prompts_per_batch=per_batch,
         steps_per_epoch=steps_per_epoch,
-        sft_epochs=_epochs(
-            cfg.sft_epochs, DEFAULT_SFT_EPOCHS, cfg.min_sft_steps, steps_per_epoch, min_epochs=math.ceil(cfg.min_sft_views / prompts)
-        ),
+        sft_epochs=_epochs(cfg.sft_epochs, sft_floor, cfg.min_sft_steps, steps_per_epoch) if has_sft else 0,
         epochs=_epochs(cfg.epochs, DEFAULT_EPOCHS, cfg.min_steps, steps_per_epoch),
     )
