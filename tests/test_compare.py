@@ -11,7 +11,8 @@ import yaml
 
 from distalign_ray.cli_config import command_config
 from distalign_ray.compare.grid import CompareConfig, plan_cells, validate_compare
-from distalign_ray.compare.report import ReportContext, results_document, results_markdown, write_results
+from distalign_ray.compare.record import load_record, write_record
+from distalign_ray.compare.report import ReportContext, results_document, results_markdown, write_csv, write_results
 from distalign_ray.compare.run import collect_results, run_compare
 from distalign_ray.errors import DistalignError
 from distalign_ray.methods import METHODS, get_methods
@@ -106,7 +107,7 @@ def test_results_writer(tmp_path):
 
 
 @pytest.mark.slow
-def test_every_method_trains_and_estimates_and_rerun_resumes(ray_cluster, tiny_model_path, mlflow_uri, tmp_path):
+def test_every_method_trains_and_estimates_and_rerun_resumes(ray_cluster, tiny_model_path, mlflow_uri, tmp_path, monkeypatch):
     cfg = CompareConfig(
         name="tiny",
         datasets=["gender-us-real"],
@@ -116,7 +117,8 @@ def test_every_method_trains_and_estimates_and_rerun_resumes(ray_cluster, tiny_m
         tune={"trials": 0},  # the search has its own test
         seeds=[0],
     )
-    rows = run_compare(cfg)
+    report = tmp_path / "results.md"
+    rows = run_compare(cfg, report=report)
     assert sorted(r["method"] for r in rows) == sorted(m for m in METHODS for _ in range(3))  # one row per template
     templates = {("attribute_0", 0, 4), ("attribute_1", 0, 4), ("held_out_0", 0, 4)}  # the paraphrase no method trained on
     assert {(r["template"], r["seed"], r["samples"]) for r in rows} == templates
@@ -137,6 +139,41 @@ def test_every_method_trains_and_estimates_and_rerun_resumes(ray_cluster, tiny_m
     assert [(r["method"], r["template"], r["seed"], r["mae"]) for r in again] == [
         (r["method"], r["template"], r["seed"], r["mae"]) for r in rows
     ]
+
+    # Another machine (its own MLflow store and storage, no adapters) resumes from the committed report,
+    # whose last training's cells (DPO's) had not finished: only they run, after the IFT adapter DPO starts from.
+    csv = report.with_suffix(".csv")
+    lines = csv.read_text().splitlines()
+    csv.write_text("\n".join(line for line in lines if ",dpo," not in line) + "\n")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'elsewhere' / 'mlflow.db'}")
+    monkeypatch.setenv("DISTALIGN_HOME", str(tmp_path / "elsewhere" / "home"))
+    resumed = run_compare(cfg, report=report)
+    assert [(r["method"], r["template"], r["mae"], r["unmatched_rate"]) for r in resumed] == [
+        (r["method"], r["template"], r["mae"], r["unmatched_rate"]) for r in rows
+    ]  # the same seed reproduced DPO's cells
+    there = mlflow.search_runs(experiment_names=["distalign"])
+    estimates = there[there["tags.kind"] == "estimate"]
+    assert sorted(estimates[estimates["tags.imported"].isna()]["tags.method"]) == ["dpo"] * 3
+    assert (estimates["tags.imported"] == str(csv)).sum() == 18
+    assert sorted(there[there["tags.kind"] == "train"]["tags.method"]) == ["dpo", "ift"]
+    assert csv.read_text().splitlines() == lines
+
+
+def test_a_report_of_another_comparison_is_not_resumed(tiny_model_path, mlflow_uri, tmp_path):
+    cfg = CompareConfig(name="paper", datasets=["gender-us-real"], methods=["zero-shot"], finetune={"model": tiny_model_path})
+    report = tmp_path / "results.md"
+    write_record(report, cfg, {}, 60.0)
+    row = _cell("zero-shot", 0, 0.3, dataset="gender-us-real", trained_on="gender-us-real")
+    write_csv([row], report.with_suffix(".csv"))
+    record = load_record(report, cfg, plan_cells(cfg, *validate_compare(cfg)))
+    assert [(r["method"], r["seed"], r["mae"], r["trained_on"]) for r in record.rows] == [("zero-shot", 0, 0.3, "gender-us-real")]
+    assert record.compute_seconds == 60.0
+    with pytest.raises(DistalignError, match=r"results.resume.yaml records comparison 'paper' with other settings \(seeds\)"):
+        run_compare(cfg.model_copy(update={"seeds": [5]}), report=report)
+    write_csv([row | {"method": "ift"}], report.with_suffix(".csv"))  # not a method of this comparison
+    with pytest.raises(DistalignError, match="the row of dataset gender-us-real, method ift, .* is not a cell of comparison 'paper'"):
+        run_compare(cfg, report=report)
+    assert mlflow.search_runs(experiment_names=["distalign"]).empty  # refused before any work
 
 
 def test_report_says_how_far_the_run_got_and_what_tuning_chose():

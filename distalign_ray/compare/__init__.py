@@ -9,6 +9,9 @@ per template, as the paper does. Resumable: the parent run is found again by its
 `<storage>/compare/<name>/tuned/<method>.yaml` and trained adapters from
 `<storage>/compare/<name>/<dataset>/<method>/seed-<seed>`.
 
+Across machines, the report's `results.resume.yaml` and results.csv carry the finished cells and the
+tuning to a fresh MLflow store (`record.py`).
+
 `grid.py`: the config and the cells; `run.py`: tuning, training and estimating them as MLflow runs;
-`report.py`: results.csv, the tables and the Markdown report.
+`report.py`: results.csv, the tables and the Markdown report; `record.py`: resuming from a report.
 """

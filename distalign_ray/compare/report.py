@@ -318,6 +318,20 @@ def write_csv(rows: list[dict], path: Path) -> None:
     storage.write_text(str(path), text.getvalue())
 
 
+def read_csv(location: str) -> list[dict]:
+    """The rows `write_csv` wrote, typed as `collect_results` returns them."""
+    import csv
+    import io
+
+    rows = []
+    for raw in csv.DictReader(io.StringIO(storage.read_text(location))):
+        row = {k: raw[k] for k in ("dataset", "task", "template", "method", "trained_on")}
+        row |= {"seed": int(raw["seed"]), "samples": int(raw["samples"])}
+        row |= {k: float(raw[k]) if raw.get(k) else math.nan for k in METRIC_COLUMNS}
+        rows.append(row)
+    return rows
+
+
 def write_results(rows: list[dict], folder: Path) -> None:
     """results.csv (one row per cell), results.md (over seeds) and a heatmap of MAE (methods x datasets) per task."""
     from distalign_ray.evaluation.plots import plot_heatmap

@@ -10,6 +10,7 @@ import yaml
 
 from distalign_ray import storage
 from distalign_ray.compare.grid import CROSS_COUNTRY, POOLED, CompareConfig, plan_cells, tune_dataset, validate_compare
+from distalign_ray.compare.record import IMPORTED_SECONDS_TAG, import_record, load_record, write_record
 from distalign_ray.compare.report import METRIC_COLUMNS, ReportContext, results_document, results_markdown, write_csv, write_results
 from distalign_ray.data.prompts import held_out_ids, template_ids
 from distalign_ray.methods import METHODS, Method, get_methods
@@ -42,7 +43,7 @@ def finished_cells(parent_id: str) -> dict[str, str]:
 
 def _train(method: Method, dataset: str, seed: int, cfg: CompareConfig, adapters: str, spec, tuned: dict[str, dict]) -> str:
     """Train `method` (with its tuned values) on `dataset` with `seed` unless its adapter already exists
-    (a child run per training)."""
+    (a child run per training), after the adapter it starts from."""
     import mlflow
     import ray
 
@@ -56,7 +57,7 @@ def _train(method: Method, dataset: str, seed: int, cfg: CompareConfig, adapters
         return output
     update = {"loss_mode": method.name, "seed": seed} | tuned.get(method.name, {})
     if method.init_from:
-        update["init_adapter"] = storage.join(adapters, dataset, method.init_from, f"seed-{seed}")
+        update["init_adapter"] = _train(METHODS[method.init_from], dataset, seed, cfg, adapters, spec, tuned)
     ft = cfg.finetune.model_copy(update=update)
     tags = {"kind": "train", "dataset": dataset, "method": method.name, "model": ft.model, "compare": cfg.name, "seed": str(seed)}
     description = f"Comparison '{cfg.name}': training {method.name} ({method.description}) on {dataset}, seed {seed}"
@@ -118,6 +119,8 @@ def run_compare(cfg: CompareConfig, console=None, report: str | Path | None = No
     started = time.time()
     check_tracking()
     methods, specs = validate_compare(cfg)
+    cells = plan_cells(cfg, methods, specs)
+    record = load_record(report, cfg, cells) if report else None
     init_ray()
     adapters = storage.join(storage.storage_root(), "compare", cfg.name)
     parent_id = _parent_run(cfg.name)
@@ -132,8 +135,11 @@ def run_compare(cfg: CompareConfig, console=None, report: str | Path | None = No
                 cfg.model_dump(exclude={"finetune", "estimate"})
                 | {"finetune": cfg.finetune.model_dump(), "estimate": cfg.estimate.model_dump()}
             )
+        if record is not None:  # what the report holds and this store lacks was run elsewhere
+            imported = import_record(record, parent.info.run_id, finished_cells(parent.info.run_id), cfg, adapters)
+            if imported:
+                console.print(f"imported {imported} finished cells and the tuning records from {record.source}")
         tuning: dict[str, dict] = {}
-        cells = plan_cells(cfg, methods, specs)
 
         def publish() -> None:  # the report of everything finished so far, so an interrupted run's report is current
             if report:
@@ -149,10 +155,10 @@ def run_compare(cfg: CompareConfig, console=None, report: str | Path | None = No
         done = finished_cells(parent.info.run_id)
         for cell in cells:
             method, seed = cell.method, cell.seed
-            adapter = _train(method, cell.trained_on, seed, cfg, adapters, specs[cell.trained_on], tuned) if method.trained else None
             if cell.key in done:
                 console.print(f"skip {cell.key} (finished in run {done[cell.key]})")
                 continue
+            adapter = _train(method, cell.trained_on, seed, cfg, adapters, specs[cell.trained_on], tuned) if method.trained else None
             console.rule(cell.key)
             spec = specs[cell.dataset]
             est = cfg.estimate.model_copy(
@@ -179,16 +185,20 @@ def run_compare(cfg: CompareConfig, console=None, report: str | Path | None = No
 
 
 def write_report(parent_id: str, report: str | Path, ctx: ReportContext) -> None:
-    """The Markdown report of the finished cells, and beside it their results.csv (to check and re-plot)."""
+    """The Markdown report of the finished cells, beside it their results.csv (to check and re-plot) and
+    the record another machine resumes from (record.py)."""
     from dataclasses import replace
 
     rows = collect_results(parent_id)
-    storage.write_text(str(report), results_document(rows, replace(ctx, compute_seconds=compute_seconds(parent_id))))
+    seconds = compute_seconds(parent_id)
+    storage.write_text(str(report), results_document(rows, replace(ctx, compute_seconds=seconds)))
     write_csv(rows, Path(report).with_suffix(".csv"))
+    write_record(report, ctx.cfg, ctx.tuning, seconds)
 
 
 def compute_seconds(parent_id: str) -> float:
-    """Wall time of every finished step of the comparison (tuning, trainings, cells), over all invocations."""
+    """Wall time of every finished step of the comparison (tuning, trainings, cells), over all invocations
+    (and the machines its record came from)."""
     import mlflow
 
     runs = mlflow.search_runs(
@@ -196,7 +206,8 @@ def compute_seconds(parent_id: str) -> float:
         filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'FINISHED'",
         output_format="list",
     )
-    return sum((r.info.end_time - r.info.start_time) / 1000 for r in runs if r.info.end_time)
+    imported = float(mlflow.get_run(parent_id).data.tags.get(IMPORTED_SECONDS_TAG, 0.0))
+    return imported + sum((r.info.end_time - r.info.start_time) / 1000 for r in runs if r.info.end_time)
 
 
 def collect_results(parent_id: str) -> list[dict]:
