@@ -145,6 +145,7 @@ def test_every_method_trains_and_estimates_and_rerun_resumes(ray_cluster, tiny_m
     csv = report.with_suffix(".csv")
     lines = csv.read_text().splitlines()
     csv.write_text("\n".join(line for line in lines if ",dpo," not in line) + "\n")
+    spent = yaml.safe_load(report.with_suffix(".resume.yaml").read_text())["compute_seconds"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'elsewhere' / 'mlflow.db'}")
     monkeypatch.setenv("DISTALIGN_HOME", str(tmp_path / "elsewhere" / "home"))
     resumed = run_compare(cfg, report=report)
@@ -156,6 +157,8 @@ def test_every_method_trains_and_estimates_and_rerun_resumes(ray_cluster, tiny_m
     assert sorted(estimates[estimates["tags.imported"].isna()]["tags.method"]) == ["dpo"] * 3
     assert (estimates["tags.imported"] == str(csv)).sum() == 18
     assert sorted(there[there["tags.kind"] == "train"]["tags.method"]) == ["dpo", "ift"]
+    assert there[there["tags.job"] == "compare"].iloc[0]["tags.imported_compute_seconds"] == str(spent) and spent > 0
+    assert yaml.safe_load(report.with_suffix(".resume.yaml").read_text())["compute_seconds"] > spent  # and this machine's
     assert csv.read_text().splitlines() == lines
 
 

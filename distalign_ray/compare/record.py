@@ -78,17 +78,19 @@ def load_record(report: str | Path, cfg: CompareConfig, planned: list[Cell]) -> 
     return ResumeRecord(source, data.get("tuning") or {}, float(data.get("compute_seconds") or 0.0), rows)
 
 
-def import_record(record: ResumeRecord, parent_id: str, finished: Collection[str], cfg: CompareConfig, adapters: str) -> int:
-    """Make the record's tuning, and its cells not `finished` in the parent run `parent_id` (the active
-    run), part of the comparison; how many cells were imported."""
+def import_record(record: ResumeRecord, finished: Collection[str], cfg: CompareConfig, adapters: str, new_parent: bool) -> str | None:
+    """Make the record's tuning, and its cells not `finished` in the active (parent) run, part of the
+    comparison; a `new_parent` also counts the record's compute. What was imported, in words (None: nothing)."""
     import mlflow
 
     from distalign_ray.tracking.mlflow_store import start_run
 
+    tuned = []
     for method, chosen in record.tuning.items():
         target = storage.join(adapters, "tuned", f"{method}.yaml")
         if not storage.exists(target):
             storage.write_text(target, yaml.safe_dump(chosen, sort_keys=False))
+            tuned.append(method)
     missing = [row for row in record.rows if cell_of(row).key not in finished]
     for row in missing:
         cell = cell_of(row)
@@ -97,6 +99,8 @@ def import_record(record: ResumeRecord, parent_id: str, finished: Collection[str
         tags |= {"dataset": row["dataset"], "imported": record.source}
         with start_run(cell.run_name, f"Imported from {record.source} (run elsewhere)", tags=tags, nested=True):
             mlflow.log_metrics({k: row[k] for k in METRIC_COLUMNS if not math.isnan(row[k])})
-    if missing and IMPORTED_SECONDS_TAG not in mlflow.get_run(parent_id).data.tags:  # the record's compute, counted once
+    if new_parent:  # this store starts from the record: its compute so far was spent elsewhere
         mlflow.set_tag(IMPORTED_SECONDS_TAG, str(record.compute_seconds))
-    return len(missing)
+    if not (missing or tuned):
+        return None
+    return f"{len(missing)} finished cells and the tuned values of {', '.join(tuned) or 'no method'} from {record.source}"

@@ -136,9 +136,9 @@ def run_compare(cfg: CompareConfig, console=None, report: str | Path | None = No
                 | {"finetune": cfg.finetune.model_dump(), "estimate": cfg.estimate.model_dump()}
             )
         if record is not None:  # what the report holds and this store lacks was run elsewhere
-            imported = import_record(record, parent.info.run_id, finished_cells(parent.info.run_id), cfg, adapters)
+            imported = import_record(record, finished_cells(parent.info.run_id), cfg, adapters, new_parent=parent_id is None)
             if imported:
-                console.print(f"imported {imported} finished cells and the tuning records from {record.source}")
+                console.print(f"imported {imported}")
         tuning: dict[str, dict] = {}
 
         def publish() -> None:  # the report of everything finished so far, so an interrupted run's report is current
