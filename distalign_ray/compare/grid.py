@@ -118,6 +118,11 @@ class Cell:
     def run_name(self) -> str:
         return f"{self.method.name}:{self.where}:{self.task}:{self.template}:seed-{self.seed}"
 
+    def tags(self, compare: str, samples: int) -> dict[str, str]:
+        """The MLflow tags of the cell's estimate run (the report and resuming read them)."""
+        tags = {"kind": "estimate", "cell": self.key, "compare": compare, "method": self.method.name, "task": self.task}
+        return tags | {"template": self.template, "seed": str(self.seed), "samples": str(samples), "trained_on": self.trained_on}
+
 
 def plan_cells(cfg: CompareConfig, methods: list[Method], specs: dict) -> list[Cell]:
     """Every cell, in run order: per seed (so a partial run covers every dataset) and dataset, each

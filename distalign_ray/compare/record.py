@@ -94,9 +94,7 @@ def import_record(record: ResumeRecord, finished: Collection[str], cfg: CompareC
     missing = [row for row in record.rows if cell_of(row).key not in finished]
     for row in missing:
         cell = cell_of(row)
-        tags = {"kind": "estimate", "cell": cell.key, "compare": cfg.name, "method": row["method"], "task": row["task"]}
-        tags |= {"template": row["template"], "seed": str(row["seed"]), "samples": str(row["samples"]), "trained_on": row["trained_on"]}
-        tags |= {"dataset": row["dataset"], "imported": record.source}
+        tags = cell.tags(cfg.name, row["samples"]) | {"dataset": row["dataset"], "imported": record.source}
         with start_run(cell.run_name, f"Imported from {record.source} (run elsewhere)", tags=tags, nested=True):
             mlflow.log_metrics({k: row[k] for k in METRIC_COLUMNS if not math.isnan(row[k])})
     if new_parent:  # this store starts from the record: its compute so far was spent elsewhere

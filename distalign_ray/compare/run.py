@@ -171,9 +171,7 @@ def run_compare(cfg: CompareConfig, console=None, report: str | Path | None = No
                     "seed": seed,
                 }
             )
-            tags = {"kind": "estimate", "cell": cell.key, "compare": cfg.name, "method": method.name, "task": cell.task}
-            tags |= {"template": cell.template, "seed": str(seed), "samples": str(est.samples_per_context or spec.samples_per_context)}
-            tags |= {"trained_on": cell.trained_on}
+            tags = cell.tags(cfg.name, est.samples_per_context or spec.samples_per_context)
             run_estimate(spec, est, tags=tags, run_name=cell.run_name)
             publish()
         rows = collect_results(parent.info.run_id)
