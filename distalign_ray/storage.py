@@ -111,6 +111,13 @@ def write_text(location: str, text: str) -> None:
         handle.write(text.encode("utf-8"))
 
 
+def remove_folder(location: str) -> None:
+    """Delete a folder and its contents, if it exists."""
+    if exists(location):
+        fs, path = filesystem(location)
+        fs.delete_dir(path)
+
+
 def is_complete_folder(location: str) -> bool:
     """A folder written by `write_folder` (local folders appear whole by renaming)."""
     if not is_uri(location):

@@ -4,6 +4,7 @@ terminal's Ctrl-C does, Ray's own daemons included), a real MLflow server, real 
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -254,4 +255,92 @@ def test_mlflow_server_gone_mid_estimate(tiny_model_path, tmp_path):
         assert run.info.run_id == samples.parent.name and run.info.status == "RUNNING"
     finally:
         _stop(server) if server.poll() is None else None
+        _kill_all(ray_tmpdir)
+
+
+def _tune_trial_statuses(experiment: Path) -> list[str]:
+    """Trial statuses in Tune's latest saved experiment state (what a restore starts from)."""
+    states = sorted(experiment.glob("experiment_state-*.json"))
+    if not states:
+        return []
+    try:
+        trials = json.loads(states[-1].read_text())["trial_data"]
+    except (json.JSONDecodeError, KeyError):  # being rewritten
+        return []
+    return [json.loads(state)["status"] for state, _ in trials]
+
+
+def _trial_runs(parent_id: str) -> list:
+    return mlflow.search_runs(
+        experiment_names=["distalign"], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", output_format="list"
+    )
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_sweep_then_resume(tiny_model_path, tmp_path):
+    """A sweep interrupted in its second trial resumes: the finished trial is kept, the other starts over
+    and gives the same numbers; other settings under the same name are refused."""
+    ray_tmpdir = f"/tmp/rf{secrets.token_hex(3)}"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = _env(tmp_path, ray_tmpdir, uri)
+    finetune = {"model": tiny_model_path, "num_workers": 1, "cpus_per_worker": 0.5, "epochs": 12, "sft_epochs": 1, "max_contexts": 2}
+    config = {"name": "faults", "num_samples": 2, "scheduler": "fifo", "max_concurrent_trials": 1, "finetune": finetune}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(config))
+    argv = ["sweep", "--dataset", "gender-us-real", "--config", str(tmp_path / "sweep.yaml"), "--output", str(tmp_path / "best.yaml")]
+    mlflow.set_tracking_uri(uri)
+    try:
+        command = Command(argv, env)
+        deadline = time.time() + 600
+        # Interrupt when Tune's saved state (written every 10 s) has the first trial finished and the
+        # second, which started after it (max_concurrent_trials 1), is two epochs in.
+        while True:
+            parents = mlflow.search_runs(experiment_names=["distalign"], filter_string="tags.job = 'sweep'", output_format="list")
+            trials = _trial_runs(parents[0].info.run_id) if parents else []
+            running = [t for t in trials if t.info.status == "RUNNING" and t.data.metrics.get("epochs_done", 0) >= 2]
+            if running and sorted(_tune_trial_statuses(tmp_path / "home" / "sweeps" / "faults" / "tune" / "faults")) == [
+                "RUNNING",
+                "TERMINATED",
+            ]:
+                break
+            assert command.proc.poll() is None and time.time() < deadline, command.log_text()[-3000:]
+            time.sleep(0.5)
+        parent_id = parents[0].info.run_id
+        rc, out, err, seconds = command.interrupt()
+        _assert_interrupted(rc, err, seconds, ray_tmpdir)
+        assert mlflow.get_run(parent_id).info.status == "KILLED"
+        statuses = sorted(t.info.status for t in _trial_runs(parent_id))
+        assert statuses == ["FINISHED", "KILLED"], statuses
+        first, interrupted = sorted(_trial_runs(parent_id), key=lambda t: t.info.status)  # FINISHED, KILLED
+        assert interrupted.info.start_time >= first.info.end_time  # one trial at a time
+
+        # Other settings under the same name: one line, before any work.
+        rc, out, err = Command([*argv, "--num-samples", "3"], env).finish()
+        assert rc == 2 and err.startswith("distalign: error: sweep 'faults'") and "(num_samples)" in err, (rc, err[-2000:])
+        assert len(_trial_runs(parent_id)) == 2
+
+        rc, out, err = Command(argv, env).finish()
+        assert rc == 0, (out[-3000:], err[-3000:])
+        assert f"resuming sweep 'faults' (run {parent_id}): 1 of 2 trials finished" in out, out
+        runs = _trial_runs(parent_id)
+        finished = {t.info.run_name: t for t in runs if t.info.status == "FINISHED"}
+        assert len(finished) == 2 and interrupted.info.run_name in finished, [(t.info.run_name, t.info.status) for t in runs]
+        assert len(runs) == 3  # the finished trial did not run again
+
+        # The trial ran again from its first epoch, to the numbers of its interrupted attempt.
+        def history(run_id: str, key: str) -> list[float]:
+            return [m.value for m in sorted(mlflow.MlflowClient().get_metric_history(run_id, key), key=lambda m: (m.timestamp, m.step))]
+
+        rerun = finished[interrupted.info.run_name].info.run_id
+        assert history(rerun, "epochs_done") == list(range(1, 14))  # 1 SFT + 12 epochs
+        before = history(interrupted.info.run_id, "val_mae")
+        assert len(before) >= 2 and history(rerun, "val_mae")[: len(before)] == pytest.approx(before, abs=1e-6)
+        assert mlflow.get_run(parent_id).info.status == "FINISHED"
+        best = yaml.safe_load((tmp_path / "best.yaml").read_text())["finetune"]
+
+        # A finished sweep rerun is restored whole: no trial runs again, the same best config.
+        rc, out, err = Command(argv, env).finish()
+        assert rc == 0 and "2 of 2 trials finished" in out, (out[-3000:], err[-3000:])
+        assert len(_trial_runs(parent_id)) == 3
+        assert yaml.safe_load((tmp_path / "best.yaml").read_text())["finetune"] == best
+    finally:
         _kill_all(ray_tmpdir)

@@ -29,3 +29,9 @@ def test_sweep_of_four_trials(ray_cluster, tiny_model_path, mlflow_uri, tmp_path
     assert best.lr != cfg.finetune.lr and best.model == tiny_model_path
     # The best over every epoch of every trial is no worse than any trial's last epoch.
     assert result["best_val_mae"] <= trials["metrics.val_mae"].min() + 1e-9
+
+    # Rerun inside another run (as compare's tuning runs it): the finished sweep is restored, not rerun.
+    with mlflow.start_run():
+        again = run_sweep(load_dataset("gender-us-real"), cfg, nested=True)
+    assert again == result
+    assert len(mlflow.search_runs(experiment_names=["distalign"], filter_string="tags.kind = 'trial'")) == 4

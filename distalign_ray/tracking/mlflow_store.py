@@ -181,7 +181,7 @@ def start_run(
 
     check_tracking()
     if resume_run_id:
-        run = mlflow.start_run(run_id=resume_run_id)
+        run = mlflow.start_run(run_id=resume_run_id, nested=nested)
     else:
         all_tags = dict(tags or {})
         if parent_run_id:

@@ -10,17 +10,25 @@ Concurrency follows the trials' resource requests, not the resources present at 
 driver function reserves only a little memory (it coordinates; it never holds the CPUs or GPUs its
 workers need), and each trial's Train run waits until its worker group can be placed — a request an
 autoscaler sees and scales up for. `max_concurrent_trials` caps it explicitly.
+
+Resumable: `<storage>/sweeps/<name>/sweep.json` records the settings and the MLflow parent run. The
+same command with the same settings restores the Tune experiment (`Tuner.restore`): finished trials
+are kept, a trial cut short starts over (so its epochs and the choice are those of an uninterrupted
+sweep), and the parent run is reopened. Other settings under the same name are refused before any work.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from distalign_ray import storage
 from distalign_ray.config import FinetuneConfig
+from distalign_ray.errors import DistalignError
 from distalign_ray.paths import home_dir
 
 SEARCHED = ("kl_weight", "kto_weight", "lr", "beta")
@@ -79,6 +87,9 @@ def _trial(config: dict, spec: dict, model_ref: dict, storage_path: str) -> None
     finetune = FinetuneConfig.model_validate(config["finetune"] | {k: config[k] for k in SEARCHED if k in config})
     loop_config = {"finetune": finetune.model_dump(), "spec": spec, "model_ref": model_ref}
     name = f"trial-{tune.get_context().get_trial_id()}"
+    # A Train run left by an interrupted sweep: Tune restarts the trial, so its epochs run again (as an
+    # uninterrupted sweep ran them) rather than Train resuming from a checkpoint Tune's history lacks.
+    storage.remove_folder(storage.join(storage_path, name))
     reports = Queue(actor_options={"num_cpus": 0})
 
     def forward_report() -> None:
@@ -101,18 +112,103 @@ def trial_resources(cfg: SweepConfig) -> dict:
     return {"CPU": 0, "memory": cfg.driver_memory_mb * 1024**2}
 
 
+def _record_path(cfg: SweepConfig) -> str:
+    return storage.join(storage.storage_root(), "sweeps", cfg.name, "sweep.json")
+
+
+def _previous_sweep(spec, cfg: SweepConfig) -> dict | None:
+    """The record of an earlier sweep of this name (to resume), or None; refuses one with other settings."""
+    path = _record_path(cfg)
+    if not storage.exists(path):
+        return None
+    previous = json.loads(storage.read_text(path))
+    settings = _settings(spec, cfg)
+    if previous["settings"] != settings:
+        before = previous["settings"]
+        changed = [k for k in settings["sweep"] if settings["sweep"][k] != before["sweep"].get(k)]
+        changed += ["dataset"] if settings["dataset"] != before["dataset"] else []
+        raise DistalignError(
+            f"sweep '{cfg.name}' ({path}) was started with other settings ({', '.join(changed)}): "
+            "rerun it with those to resume it, or give this one another --name"
+        )
+    return previous
+
+
+def _settings(spec, cfg: SweepConfig) -> dict:
+    """What a sweep's trials depend on (not where its best config is written)."""
+    settings = {"sweep": cfg.model_dump(mode="json", exclude={"output"}), "dataset": spec.model_dump(mode="json")}
+    return json.loads(json.dumps(settings))  # as the record reads back
+
+
+def _resumable_parent(previous: dict | None, experiment: str) -> str | None:
+    """The parent run to reopen when the earlier sweep's Tune experiment can be restored into this
+    MLflow store (its trials log to the store they started in)."""
+    import mlflow
+    from ray import tune
+
+    if previous is None or not tune.Tuner.can_restore(experiment):
+        return None
+    try:
+        mlflow.get_run(previous["parent_run_id"])
+    except mlflow.exceptions.MlflowException:
+        return None
+    return previous["parent_run_id"]
+
+
+def _finished_trials(parent_id: str) -> int:
+    import mlflow
+
+    runs = mlflow.search_runs(
+        experiment_names=["distalign"], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", output_format="list"
+    )
+    return len({run.info.run_name for run in runs if run.info.status == "FINISHED"})  # a trial rerun has two runs
+
+
+def _tune_config(spec, cfg: SweepConfig, base: FinetuneConfig):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    from distalign_ray.training.budget import plan_budget
+    from distalign_ray.tuning.reports import EPOCHS_DONE
+
+    defaults = [{k: getattr(base, k) for k in cfg.searched}] if cfg.start_from_defaults else None
+    if cfg.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(points_to_evaluate=defaults, seed=cfg.seed)
+    else:
+        # Tune ignores `max_concurrent_trials` for a generator passed in (only a logged warning).
+        search_alg = BasicVariantGenerator(
+            points_to_evaluate=defaults, random_state=cfg.seed, max_concurrent=cfg.max_concurrent_trials or 0
+        )
+    budget = plan_budget(base, spec)  # a trial reports once per epoch of either stage
+    max_t = budget.sft_epochs + budget.epochs
+    scheduler = (
+        ASHAScheduler(time_attr=EPOCHS_DONE, max_t=max_t, grace_period=min(max_t, budget.sft_epochs + 1), reduction_factor=2)
+        if cfg.scheduler == "asha"
+        else FIFOScheduler()
+    )
+    return tune.TuneConfig(
+        metric="val_mae",
+        mode="min",
+        num_samples=cfg.num_samples,
+        scheduler=scheduler,
+        search_alg=search_alg,
+        max_concurrent_trials=cfg.max_concurrent_trials if cfg.search == "optuna" else None,
+    )
+
+
 def run_sweep(spec, cfg: SweepConfig, nested: bool = False) -> dict:
     """Run the sweep; `nested` puts its MLflow parent run under the active run (compare's tuning)."""
     import mlflow
     from ray import tune
     from ray.air.integrations.mlflow import MLflowLoggerCallback
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search import BasicVariantGenerator
 
     from distalign_ray.cluster import init_ray
+    from distalign_ray.console import terminal
     from distalign_ray.models import resolve_model
     from distalign_ray.tracking.mlflow_store import check_tracking, log_params, start_run, tracking_uri
-    from distalign_ray.training.budget import plan_budget
     from distalign_ray.training.finetune import validate_finetune
     from distalign_ray.training.launcher import fit_in_thread, train_storage
 
@@ -120,56 +216,46 @@ def run_sweep(spec, cfg: SweepConfig, nested: bool = False) -> dict:
     base = cfg.finetune.model_copy(update={"templates": cfg.train_templates, "validation_templates": cfg.validation_templates})
     model_ref = resolve_model(base.model)
     validate_finetune(spec, base, home_dir() / "sweeps" / cfg.name / "unused-adapter")
+    previous = _previous_sweep(spec, cfg)
     init_ray()
-    space = {k: tune.loguniform(*getattr(cfg, k)) for k in cfg.searched}
-    defaults = [{k: getattr(base, k) for k in cfg.searched}] if cfg.start_from_defaults else None
-    if cfg.search == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
-        search_alg = OptunaSearch(points_to_evaluate=defaults, seed=cfg.seed)
-    else:
-        search_alg = BasicVariantGenerator(points_to_evaluate=defaults, random_state=cfg.seed)
-    budget = plan_budget(base, spec)  # a trial reports once per epoch of either stage
-    max_t = budget.sft_epochs + budget.epochs
-    scheduler = (
-        ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=min(max_t, budget.sft_epochs + 1), reduction_factor=2)
-        if cfg.scheduler == "asha"
-        else FIFOScheduler()
-    )
+    tune_storage = train_storage("sweeps", cfg.name, "tune")
+    resume_id = _resumable_parent(previous, storage.join(tune_storage, cfg.name))
     description = (
         f"Sweep '{cfg.name}' on {spec.name}: {cfg.num_samples} trials of {', '.join(cfg.searched)}; a child run per trial (val_mae)"
     )
     tags = {"job": "sweep", "sweep": cfg.name, "dataset": spec.name, "method": base.loss_mode}
-    with start_run(f"sweep-{cfg.name}", description, tags=tags, nested=nested) as parent:
-        log_params(cfg.model_dump(exclude={"finetune"}) | {"finetune": base.model_dump()})
-        tuner = tune.Tuner(
-            tune.with_resources(
-                tune.with_parameters(
-                    _trial, spec=spec.model_dump(), model_ref=model_ref.__dict__, storage_path=train_storage("sweeps", cfg.name, "train")
-                ),
-                trial_resources(cfg),
+    with start_run(f"sweep-{cfg.name}", description, tags=tags, nested=nested, resume_run_id=resume_id) as parent:
+        trainable = tune.with_resources(
+            tune.with_parameters(
+                _trial, spec=spec.model_dump(), model_ref=model_ref.__dict__, storage_path=train_storage("sweeps", cfg.name, "train")
             ),
-            param_space={**space, "finetune": base.model_dump()},
-            tune_config=tune.TuneConfig(
-                metric="val_mae",
-                mode="min",
-                num_samples=cfg.num_samples,
-                scheduler=scheduler,
-                search_alg=search_alg,
-                max_concurrent_trials=cfg.max_concurrent_trials,
-            ),
-            run_config=tune.RunConfig(
-                name=cfg.name,
-                storage_path=train_storage("sweeps", cfg.name, "tune"),
-                callbacks=[
-                    MLflowLoggerCallback(
-                        tracking_uri=tracking_uri(),
-                        experiment_name="distalign",
-                        tags={"mlflow.parentRunId": parent.info.run_id, "kind": "trial", "sweep": cfg.name, "dataset": spec.name},
-                    )
-                ],
-            ),
+            trial_resources(cfg),
         )
+        if resume_id is not None:
+            terminal().print(
+                f"resuming sweep '{cfg.name}' (run {resume_id}): {_finished_trials(resume_id)} of {cfg.num_samples} trials finished"
+            )
+            tuner = tune.Tuner.restore(storage.join(tune_storage, cfg.name), trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            log_params(cfg.model_dump(exclude={"finetune"}) | {"finetune": base.model_dump()})
+            record = {"settings": _settings(spec, cfg), "parent_run_id": parent.info.run_id}
+            storage.write_text(_record_path(cfg), json.dumps(record, indent=1))
+            tuner = tune.Tuner(
+                trainable,
+                param_space={**{k: tune.loguniform(*getattr(cfg, k)) for k in cfg.searched}, "finetune": base.model_dump()},
+                tune_config=_tune_config(spec, cfg, base),
+                run_config=tune.RunConfig(
+                    name=cfg.name,
+                    storage_path=tune_storage,
+                    callbacks=[
+                        MLflowLoggerCallback(
+                            tracking_uri=tracking_uri(),
+                            experiment_name="distalign",
+                            tags={"mlflow.parentRunId": parent.info.run_id, "kind": "trial", "sweep": cfg.name, "dataset": spec.name},
+                        )
+                    ],
+                ),
+            )
         try:
             results = fit_in_thread(tuner)  # in the main thread Tune would swallow Ctrl-C and return a partial grid
         except KeyboardInterrupt:
