@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 
 import mlflow
 import pytest
@@ -31,7 +32,10 @@ def _readout_mae(model_path: str, adapter: str | None, spec) -> float:
     return float((probs - targets).abs().mean())
 
 
-def test_local_mode_hybrid_moves_steering_distribution(tiny_model_path, tmp_path, mlflow_uri):
+def test_local_mode_hybrid_moves_steering_distribution(tiny_model_path, tmp_path, mlflow_uri, monkeypatch):
+    scratch = tmp_path / "scratch"  # where the loop's epoch checkpoints go (the process's temp folder)
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     spec = load_dataset("gender-us-real").subset(4)
     cfg = FinetuneConfig(
         model=tiny_model_path, num_workers=0, epochs=3, sft_epochs=1, prompts_per_batch=2, lr=5e-3, lora={"r": 8, "alpha": 16}
@@ -43,6 +47,7 @@ def test_local_mode_hybrid_moves_steering_distribution(tiny_model_path, tmp_path
     assert result["metrics"]["val_mae"] == pytest.approx(after, abs=1e-4)
     meta = read_adapter_meta(tmp_path / "adapter")
     assert meta["steering_token_ids"] == [32, 33] and meta["categories"] == ["male", "female"]
+    assert not list(scratch.glob("distalign-ckpt-*")), "epoch checkpoints left behind"
 
 
 def test_output_folder_is_never_overwritten(tiny_model_path, tmp_path, mlflow_uri):

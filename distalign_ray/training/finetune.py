@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -81,6 +82,8 @@ def run_finetune(spec: DistributionSpec, cfg: FinetuneConfig, output: str | Path
         raise RuntimeError("training finished without a checkpoint")
     with result.checkpoint.as_directory() as folder:  # downloaded from storage when it is remote
         storage.write_folder(Path(folder) / ADAPTER_DIR, output)
+    if cfg.num_workers == 0:  # local mode's checkpoint is the loop's temporary folder
+        shutil.rmtree(result.checkpoint.path, ignore_errors=True)
     metrics = dict(result.metrics or {})
     binding = metrics.pop("binding", None)
     return {

@@ -254,6 +254,7 @@ def _report_with_checkpoint(model, tokenizer, vocab, spec, cfg, optimizers, stag
         ray.train.report(metrics, checkpoint=None)
         return
     folder = tempfile.mkdtemp(prefix="distalign-ckpt-")
+    replaced = ray.train.get_checkpoint() if cfg.num_workers == 0 else None  # local mode holds the last one only
     try:
         model.save_pretrained(os.path.join(folder, ADAPTER_DIR))
         if vocab is not None and vocab.added_special_tokens:
@@ -275,6 +276,9 @@ def _report_with_checkpoint(model, tokenizer, vocab, spec, cfg, optimizers, stag
         )
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
     finally:
-        # A worker group's report copies the folder to storage; local mode keeps a reference to it.
+        # A worker group's report copies the folder to storage; local mode keeps a reference to it
+        # (`run_finetune` deletes the last one once the adapter is copied).
         if cfg.num_workers > 0:
             shutil.rmtree(folder, ignore_errors=True)
+        elif replaced is not None:
+            shutil.rmtree(replaced.path, ignore_errors=True)
