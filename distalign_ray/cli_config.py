@@ -8,7 +8,7 @@ from __future__ import annotations
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from distalign_ray.documents import read_yaml_mapping
+from distalign_ray.documents import flow_yaml, read_yaml_mapping
 from distalign_ray.errors import DistalignError
 
 # Commands whose file holds their fields under a section named after them (one file may hold both).
@@ -97,10 +97,6 @@ def command_config(command: str, path: str | None, flags: dict[str, object], ass
     return validate_config(config_model(command), {} if values is None else values, f"{command} config", f"{command}."), storage
 
 
-def _yaml_value(value) -> str:
-    return yaml.safe_dump([value], default_flow_style=True, width=10_000).strip()[1:-1]
-
-
 def _field_lines(model: BaseModel, indent: str) -> list[str]:
     fields = type(model).model_fields
     groups = getattr(type(model), "GROUPS", {}) or {"": tuple(fields)}
@@ -122,7 +118,7 @@ def _value_lines(model: BaseModel, names: tuple[str, ...], indent: str) -> list[
             lines.append(f"{indent}{name}:{comment}")
             lines.extend(_field_lines(value, indent + "  "))
         else:
-            lines.append(f"{indent}{name}: {_yaml_value(value)}{comment}")
+            lines.append(f"{indent}{name}: {flow_yaml(value)}{comment}")
     return lines
 
 

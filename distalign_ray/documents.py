@@ -1,4 +1,5 @@
-"""Reading the YAML files users hand us (specs, configs): every way a file can be wrong is one error line."""
+"""The YAML users hand us (specs, configs): reading a file, where every way it can be wrong is one error
+line, and writing one value on one line (config listings, `--set` flags)."""
 
 from __future__ import annotations
 
@@ -36,3 +37,8 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict:
     if not isinstance(document, dict):
         raise DistalignError(f"{what} {path}: expected a YAML mapping at top level, found {type(document).__name__}")
     return document
+
+
+def flow_yaml(value) -> str:
+    """`value` as one line of YAML (flow style), quoted as a flow collection's item needs."""
+    return yaml.safe_dump([value], default_flow_style=True, width=10_000).strip()[1:-1]

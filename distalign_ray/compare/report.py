@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from distalign_ray import storage
 from distalign_ray.compare.grid import CompareConfig, tune_dataset
+from distalign_ray.documents import flow_yaml
 from distalign_ray.methods import get_methods
 
 CELL_COLUMNS = ("dataset", "task", "template", "method", "seed", "samples")
@@ -185,15 +185,11 @@ def discussion_lines(rows: list[dict]) -> list[str]:
 def rerun_command(cfg: CompareConfig, tuning: dict[str, dict], method: str, dataset: str, template: str, seed: int) -> str:
     """The command that reruns one attribute cell from a fresh clone, under a new name (nothing reused),
     with the tuned values and every setting that differs from a setting's default."""
-
-    def flat(value) -> str:
-        return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("\n...")
-
     sets = {"seeds": f"[{seed}]", "templates": f"[{template}]", "cross_country": "{}", "tune.trials": "0"}
     grid = {"name", "datasets", "methods", "tasks", "seeds", "templates", "cross_country", "tune", "finetune", "estimate"}
-    sets |= {k: flat(v) for k, v in cfg.model_dump(exclude_defaults=True, exclude=grid).items()}
+    sets |= {k: flow_yaml(v) for k, v in cfg.model_dump(exclude_defaults=True, exclude=grid).items()}
     for section in ("finetune", "estimate"):
-        sets |= {f"{section}.{k}": flat(v) for k, v in getattr(cfg, section).model_dump(exclude_defaults=True).items()}
+        sets |= {f"{section}.{k}": flow_yaml(v) for k, v in getattr(cfg, section).model_dump(exclude_defaults=True).items()}
     sets |= {f"finetune.{k}": repr(v) for k, v in tuning.get(method, {}).get("values", {}).items()}
     flags = " ".join(f"--set '{k}={v}'" for k, v in sets.items())
     return f"distalign compare --name rerun-{method}-{seed} --datasets {dataset} --methods {method} --tasks attribute {flags}"
