@@ -172,15 +172,18 @@ def test_ctrl_c_in_a_compare_cell_then_resume(tiny_run_settings, tmp_path):
     ray_tmpdir = f"/tmp/rf{secrets.token_hex(3)}"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = _env(tmp_path, ray_tmpdir, uri)
-    config = {"name": "faults", "datasets": ["gender-us-real"], "methods": ["hybrid"], "seeds": [0], "tune": {"trials": 0}}
+    config = {"name": "faults", "datasets": ["gender-us-real"], "methods": ["hybrid"], "seeds": [0], "tune": {"trials": 2}}
     config |= tiny_run_settings()
     (tmp_path / "compare.yaml").write_text(yaml.safe_dump(config))
     argv = ["compare", "--config", str(tmp_path / "compare.yaml")]
     adapters = tmp_path / "home" / "compare" / "faults"
     try:
-        # Ctrl-C while the cell trains, then SIGTERM (`ray job stop`, kill) while it estimates.
+        # Ctrl-C in the tuning sweep's first trial; Ctrl-C while the cell trains (after the resumed sweep's
+        # two trials); then SIGTERM (`ray job stop`, kill) while it estimates.
+        outputs = []
         for marker, count, stage_run, how in (
-            ("Started training worker group", 1, "train:hybrid:gender-us-real:seed-0", "ctrl-c"),
+            ("Started training worker group", 1, "sweep-faults-hybrid", "ctrl-c"),
+            ("Started training worker group", 3, "train:hybrid:gender-us-real:seed-0", "ctrl-c"),
             ("Starting execution of Dataset", 1, "hybrid:gender-us-real:attribute:attribute_0:seed-0", "sigterm"),
         ):
             command = Command(argv, env)
@@ -188,10 +191,14 @@ def test_ctrl_c_in_a_compare_cell_then_resume(tiny_run_settings, tmp_path):
             time.sleep(2)
             rc, out, err, seconds = command.interrupt(how)
             _assert_interrupted(rc, err, seconds, ray_tmpdir)
+            outputs.append(out)
             statuses = _runs(uri)
             assert statuses["compare-faults"] == "KILLED" and statuses[stage_run] == "KILLED", statuses
             assert "RUNNING" not in statuses.values(), statuses
             _no_partial_files(tmp_path / "home")
+        assert "resuming sweep 'faults-hybrid'" in outputs[1], outputs[1]
+        sweeps = mlflow.search_runs(experiment_names=["distalign"], filter_string="tags.job = 'sweep'", output_format="list")
+        assert [s.info.status for s in sweeps] == ["FINISHED"]  # resumed: one sweep run, reopened
         # The adapter trained before the second interrupt is whole and reused; the rerun resumes and finishes.
         assert (adapters / "gender-us-real" / "hybrid" / "seed-0" / "adapter_model.safetensors").is_file()
         rc, out, err = Command(argv, env).finish()
