@@ -77,8 +77,10 @@ def test_story_cells_only_for_the_chosen_methods_and_datasets():
         cross_country={},
     )
     methods, specs = validate_compare(cfg)
-    story = [(c.dataset, c.method.name, c.template) for c in plan_cells(cfg, methods, specs) if c.task == "story"]
+    cells = plan_cells(cfg, methods, specs)
+    story = [(c.dataset, c.method.name, c.template) for c in cells if c.task == "story"]
     assert story == [("gender-uk-real", "zero-shot", "pooled"), ("gender-uk-real", "hybrid", "pooled")]
+    assert [c.task for c in cells][-2:] == ["story", "story"]  # the main table first: stories cost most
     with pytest.raises(DistalignError, match="story_datasets: 'gender-us-real' is not among the compared datasets"):
         validate_compare(cfg.model_copy(update={"story_datasets": ["gender-us-real"]}))
 

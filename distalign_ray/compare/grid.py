@@ -125,24 +125,32 @@ class Cell:
 
 
 def plan_cells(cfg: CompareConfig, methods: list[Method], specs: dict) -> list[Cell]:
-    """Every cell, in run order: per seed (so a partial run covers every dataset) and dataset, each
-    method's cells right after its training."""
+    """Every cell, in run order: the attribute task (with cross-country) before the story task, whose
+    long generations cost several times more, so a partial run has the main table first; within each,
+    per seed (so a partial run covers every dataset) and dataset, each method's cells right after its
+    training."""
     cells = []
-    for seed in cfg.seeds:
-        for dataset in cfg.datasets:
-            spec = specs[dataset]
-            for method in methods:
-                if not method.trained and seed != cfg.seeds[0] and not cfg.untrained_every_seed:
-                    continue
-                for task in cfg.tasks:
-                    if task == "story" and not _in_story(cfg, method, dataset):
+    for phase in ([t for t in cfg.tasks if t != "story"], [t for t in cfg.tasks if t == "story"]):
+        for seed in cfg.seeds:
+            for dataset in cfg.datasets:
+                for method in methods:
+                    if not method.trained and seed != cfg.seeds[0] and not cfg.untrained_every_seed:
                         continue
-                    templates = cell_templates(spec, task, cfg.per_template)
-                    chosen = [t for t in templates if task != "attribute" or cfg.templates is None or t in cfg.templates]
-                    cells += [Cell(dataset, dataset, method, task, t, seed) for t in chosen]
-                abroad = cfg.cross_country.get(dataset)
-                if abroad and method.trained and "attribute" in cfg.tasks:
-                    cells.append(Cell(dataset, abroad, method, CROSS_COUNTRY, cfg.cross_country_template, seed))
+                    cells += _method_cells(cfg, specs[dataset], method, phase, seed)
+    return cells
+
+
+def _method_cells(cfg: CompareConfig, spec, method: Method, tasks: list[str], seed: int) -> list[Cell]:
+    cells = []
+    for task in tasks:
+        if task == "story" and not _in_story(cfg, method, spec.name):
+            continue
+        templates = cell_templates(spec, task, cfg.per_template)
+        chosen = [t for t in templates if task != "attribute" or cfg.templates is None or t in cfg.templates]
+        cells += [Cell(spec.name, spec.name, method, task, t, seed) for t in chosen]
+    abroad = cfg.cross_country.get(spec.name)
+    if abroad and method.trained and "attribute" in tasks:
+        cells.append(Cell(spec.name, abroad, method, CROSS_COUNTRY, cfg.cross_country_template, seed))
     return cells
 
 
