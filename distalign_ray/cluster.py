@@ -70,3 +70,12 @@ def largest_node_cpus() -> int:
         if max(counts, default=0) > 0:
             return max(counts)
     return os.cpu_count() or 1
+
+
+def cluster_hardware() -> str:
+    """The Ray cluster's compute in words ("2 CPUs", "96 CPUs, 8 GPUs"): what a report's times ran on."""
+    import ray
+
+    resources = ray.cluster_resources()
+    parts = [f"{resources.get('CPU', 0):g} CPUs"] + ([f"{resources['GPU']:g} GPUs"] if resources.get("GPU") else [])
+    return ", ".join(parts)

@@ -4,18 +4,29 @@ from __future__ import annotations
 
 import math
 import shlex
+import subprocess
 
 import mlflow
+import numpy as np
 import pytest
 import yaml
 
 from distalign_ray.cli_config import command_config
 from distalign_ray.compare.grid import CompareConfig, plan_cells, validate_compare
 from distalign_ray.compare.record import load_record, write_record
-from distalign_ray.compare.report import ReportContext, results_document, results_markdown, write_csv, write_results
+from distalign_ray.compare.report import (
+    METRIC_COLUMNS,
+    ReportContext,
+    read_csv,
+    results_document,
+    results_markdown,
+    write_csv,
+    write_results,
+)
 from distalign_ray.compare.run import collect_results, run_compare
 from distalign_ray.errors import DistalignError
 from distalign_ray.methods import METHODS, get_methods
+from distalign_ray.tracking.mlflow_store import code_version
 
 
 def test_registry_pulls_in_what_a_method_starts_from():
@@ -103,7 +114,7 @@ def test_results_writer(tmp_path):
     assert "| d1 | attribute | attribute_0 | zero-shot | 0.310 ± 0.014 (2) |" in markdown
     csv_lines = (tmp_path / "results.csv").read_text().splitlines()
     assert csv_lines[0].startswith("dataset,task,template,method,seed,samples,mae,mae_ci_low,mae_ci_high")
-    assert len(csv_lines) == 6 and csv_lines[0].endswith(",trained_on")
+    assert len(csv_lines) == 6 and csv_lines[0].endswith(",trained_on,code_version")
     assert (tmp_path / "heatmap_attribute.png").stat().st_size > 1000
     assert results_markdown(rows).count("\n") == 3
 
@@ -122,6 +133,9 @@ def test_every_method_trains_and_estimates_and_rerun_resumes(ray_cluster, tiny_m
     report = tmp_path / "results.md"
     rows = run_compare(cfg, report=report)
     assert sorted(r["method"] for r in rows) == sorted(m for m in METHODS for _ in range(3))  # one row per template
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    version = code_version()
+    assert version.removesuffix("+changes") == head and {r["code_version"] for r in rows} == {version}
     templates = {("attribute_0", 0, 4), ("attribute_1", 0, 4), ("held_out_0", 0, 4)}  # the paraphrase no method trained on
     assert {(r["template"], r["seed"], r["samples"]) for r in rows} == templates
     runs = mlflow.search_runs(experiment_names=["distalign"])
@@ -144,8 +158,9 @@ def test_every_method_trains_and_estimates_and_rerun_resumes(ray_cluster, tiny_m
 
     # Another machine (its own MLflow store and storage, no adapters) resumes from the committed report,
     # whose last training's cells (DPO's) had not finished: only they run, after the IFT adapter DPO starts from.
+    # Its rows were computed by older code: they keep that version, DPO's new rows get this one.
     csv = report.with_suffix(".csv")
-    lines = csv.read_text().splitlines()
+    lines = [line if ",dpo," in line else line.replace(f",{version}", ",0123456789ab") for line in csv.read_text().splitlines()]
     csv.write_text("\n".join(line for line in lines if ",dpo," not in line) + "\n")
     spent = yaml.safe_load(report.with_suffix(".resume.yaml").read_text())["compute_seconds"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'elsewhere' / 'mlflow.db'}")
@@ -157,11 +172,18 @@ def test_every_method_trains_and_estimates_and_rerun_resumes(ray_cluster, tiny_m
     there = mlflow.search_runs(experiment_names=["distalign"])
     estimates = there[there["tags.kind"] == "estimate"]
     assert sorted(estimates[estimates["tags.imported"].isna()]["tags.method"]) == ["dpo"] * 3
-    assert (estimates["tags.imported"] == str(csv)).sum() == 18
+    assert (estimates["tags.imported"] == str(csv)).sum() == 18 == (estimates["tags.code_version"] == "0123456789ab").sum()
+    assert f"- code: cells computed by `0123456789ab` (18), `{version}` (3)" in report.read_text()
     assert sorted(there[there["tags.kind"] == "train"]["tags.method"]) == ["dpo", "ift"]
     assert there[there["tags.job"] == "compare"].iloc[0]["tags.imported_compute_seconds"] == str(spent) and spent > 0
     assert yaml.safe_load(report.with_suffix(".resume.yaml").read_text())["compute_seconds"] > spent  # and this machine's
-    assert csv.read_text().splitlines() == lines
+    # The regenerated CSV: the same rows; readout MAE (a float of the retrained weights) to float noise.
+    (tmp_path / "expected.csv").write_text("\n".join(lines) + "\n")
+    got, want = read_csv(str(csv)), read_csv(str(tmp_path / "expected.csv"))
+    assert [{k: v for k, v in r.items() if k not in METRIC_COLUMNS} for r in got] == [
+        {k: v for k, v in r.items() if k not in METRIC_COLUMNS} for r in want
+    ]
+    np.testing.assert_allclose([[r[k] for k in METRIC_COLUMNS] for r in got], [[r[k] for k in METRIC_COLUMNS] for r in want], rtol=1e-6)
 
 
 def test_a_report_of_another_comparison_is_not_resumed(tiny_model_path, mlflow_uri, tmp_path):
@@ -192,10 +214,12 @@ def test_report_says_how_far_the_run_got_and_what_tuning_chose():
         for m, s, v in (("ift", 0, 0.05), ("ift", 1, 0.06), ("hybrid", 0, 0.2), ("hybrid", 1, 0.25))
     ]
     tuning = {"hybrid": {"values": {"lr": 0.0011, "beta": 0.21}, "best_val_mae": 0.05, "trials": 4, "dataset": "gender-uk-real"}}
-    report = results_document(rows, ReportContext(cfg, specs, tuning, 30, 7200.0, 600.0))
+    report = results_document(rows, ReportContext(cfg, specs, tuning, 30, 7200.0, 600.0, "2 CPUs"))
     assert "**partial: 11 of 30 cells finished**" in report
     assert "| hybrid | lr 0.0011, beta 0.21 | 0.050 |" in report
-    early = results_document([], ReportContext(cfg.model_copy(update={"methods": ["ift", "hybrid"]}), specs, tuning, 30, 0.0, 60.0))
+    early = results_document(
+        [], ReportContext(cfg.model_copy(update={"methods": ["ift", "hybrid"]}), specs, tuning, 30, 0.0, 60.0, "2 CPUs")
+    )
     assert "Not tuned yet: ift." in early and "**partial: 0 of 30 cells finished**" in early
     assert "| d1 | 0.300 (1) | — | **0.120 ± 0.028 (2)** |" in report  # mean over templates per seed, then over seeds
     assert "  - gender-us-real: 28 prompts, 5 per batch; 24 SFT steps (steering methods), 36 steps" in report

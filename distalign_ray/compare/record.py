@@ -83,7 +83,7 @@ def import_record(record: ResumeRecord, finished: Collection[str], cfg: CompareC
     comparison; a `new_parent` also counts the record's compute. What was imported, in words (None: nothing)."""
     import mlflow
 
-    from distalign_ray.tracking.mlflow_store import start_run
+    from distalign_ray.tracking.mlflow_store import CODE_VERSION_TAG, start_run
 
     tuned = []
     for method, chosen in record.tuning.items():
@@ -95,6 +95,7 @@ def import_record(record: ResumeRecord, finished: Collection[str], cfg: CompareC
     for row in missing:
         cell = cell_of(row)
         tags = cell.tags(cfg.name, row["samples"]) | {"dataset": row["dataset"], "imported": record.source}
+        tags[CODE_VERSION_TAG] = row["code_version"]  # the code that computed it, not this one
         with start_run(cell.run_name, f"Imported from {record.source} (run elsewhere)", tags=tags, nested=True):
             mlflow.log_metrics({k: row[k] for k in METRIC_COLUMNS if not math.isnan(row[k])})
     if new_parent:  # this store starts from the record: its compute so far was spent elsewhere

@@ -4,6 +4,7 @@ the Markdown report with its discussion computed from the numbers."""
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ METRIC_COLUMNS = (
 )
 
 
-RESULT_COLUMNS = CELL_COLUMNS + METRIC_COLUMNS + ("trained_on",)
+RESULT_COLUMNS = CELL_COLUMNS + METRIC_COLUMNS + ("trained_on", "code_version")
 
 
 def over_seeds(rows: list[dict]) -> list[dict]:
@@ -104,6 +105,7 @@ class ReportContext:
     planned_cells: int
     compute_seconds: float
     invocation_seconds: float
+    hardware: str  # the cluster of this invocation, in words
 
 
 PAPER_TEMPLATES = ("attribute_0", "attribute_1")  # the paper's v1 and v2 prompts: the summary's columns
@@ -230,9 +232,12 @@ def results_document(rows: list[dict], ctx: ReportContext) -> str:
             f"(steering methods), {budget.steps} steps of the method's own loss"
         )
     lines.append(
-        f"- compute: {ctx.compute_seconds / 3600:.1f} h of finished tuning, training and estimation on 2 CPU cores "
-        f"(this invocation {ctx.invocation_seconds / 60:.0f} min)"
+        f"- compute: {ctx.compute_seconds / 3600:.1f} h of finished tuning, training and estimation "
+        f"(this invocation {ctx.invocation_seconds / 60:.0f} min, on {ctx.hardware})"
     )
+    versions = Counter(row.get("code_version") or "not recorded" for row in rows)
+    if versions:
+        lines.append("- code: cells computed by " + ", ".join(f"`{version}` ({count})" for version, count in versions.most_common()))
     example = next((r for r in rows if r["method"] == "hybrid" and r["task"] == "attribute"), rows[0] if rows else None)
     if example:
         command = rerun_command(cfg, ctx.tuning, example["method"], example["dataset"], example["template"], example["seed"])
@@ -321,7 +326,7 @@ def read_csv(location: str) -> list[dict]:
 
     rows = []
     for raw in csv.DictReader(io.StringIO(storage.read_text(location))):
-        row = {k: raw[k] for k in ("dataset", "task", "template", "method", "trained_on")}
+        row = {k: raw[k] for k in ("dataset", "task", "template", "method", "trained_on")} | {"code_version": raw.get("code_version", "")}
         row |= {"seed": int(raw["seed"]), "samples": int(raw["samples"])}
         row |= {k: float(raw[k]) if raw.get(k) else math.nan for k in METRIC_COLUMNS}
         rows.append(row)

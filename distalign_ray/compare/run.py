@@ -15,6 +15,7 @@ from distalign_ray.compare.report import METRIC_COLUMNS, ReportContext, results_
 from distalign_ray.data.prompts import held_out_ids, template_ids
 from distalign_ray.methods import METHODS, Method, get_methods
 from distalign_ray.paths import home_dir
+from distalign_ray.tracking.mlflow_store import CODE_VERSION_TAG
 
 
 def _parent_run(name: str):
@@ -110,7 +111,7 @@ def _tune(method: Method, cfg: CompareConfig, specs: dict, adapters: str, tuned:
 def run_compare(cfg: CompareConfig, console=None, report: str | Path | None = None) -> list[dict]:
     import mlflow
 
-    from distalign_ray.cluster import init_ray
+    from distalign_ray.cluster import cluster_hardware, init_ray
     from distalign_ray.console import terminal
     from distalign_ray.estimate import run_estimate
     from distalign_ray.tracking.mlflow_store import check_tracking, log_params, start_run
@@ -143,7 +144,11 @@ def run_compare(cfg: CompareConfig, console=None, report: str | Path | None = No
 
         def publish() -> None:  # the report of everything finished so far, so an interrupted run's report is current
             if report:
-                write_report(parent.info.run_id, report, ReportContext(cfg, specs, tuning, len(cells), 0.0, time.time() - started))
+                write_report(
+                    parent.info.run_id,
+                    report,
+                    ReportContext(cfg, specs, tuning, len(cells), 0.0, time.time() - started, cluster_hardware()),
+                )
 
         for method in methods:
             if method.trained and cfg.tune.trials:
@@ -223,6 +228,7 @@ def collect_results(parent_id: str) -> list[dict]:
         row |= {"seed": int(tags["seed"]), "samples": int(tags["samples"])}
         row.update({k: run.data.metrics.get(k, math.nan) for k in METRIC_COLUMNS})
         row["trained_on"] = tags.get("trained_on", tags["dataset"])
+        row["code_version"] = tags.get(CODE_VERSION_TAG, "")
         rows.append(row)
     names = [m.name for m in get_methods(None)]
     order = {name: i for i, name in enumerate(names)}

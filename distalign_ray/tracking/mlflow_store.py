@@ -5,8 +5,11 @@ Metric and tag names used here are a contract: users compare runs in the MLflow 
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Mapping
@@ -50,6 +53,7 @@ RUNS_TABLE_TAG = {
     )
 }
 EXPERIMENT_TAGS = {**EXPERIMENT_KIND, **RUNS_TABLE_TAG}
+CODE_VERSION_TAG = "code_version"  # every run's: which code made it (a comparison spans many invocations)
 
 
 def tracking_uri() -> str:
@@ -163,6 +167,22 @@ def tracking_unreachable(error: BaseException) -> bool:
     return False
 
 
+@functools.cache
+def code_version() -> str:
+    """The commit of the checkout this process runs (`+changes` when the package differs from it), or the
+    installed package's version outside a checkout (a Ray job's uploaded working_dir)."""
+    package = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short=12", "HEAD")
+        return commit + ("+changes" if git("status", "--porcelain", "--", ".") else "")
+    except (OSError, subprocess.SubprocessError):
+        return f"distalign-ray {importlib.metadata.version('distalign-ray')}"
+
+
 @contextmanager
 def start_run(
     run_name: str,
@@ -173,7 +193,8 @@ def start_run(
     resume_run_id: str | None = None,
 ):
     """A run in the project experiment, with a description (shown on its page); nested under the active
-    run (or `parent_run_id`); `resume_run_id` reopens that run instead.
+    run (or `parent_run_id`); `resume_run_id` reopens that run instead. A new run is tagged with the
+    `code_version` that makes it, unless `tags` name another (an imported result).
 
     It ends FINISHED, KILLED when the command is interrupted (Ctrl-C, SIGTERM: KeyboardInterrupt), or
     FAILED. When the tracking server is the failure, nothing more is sent to it: the error says so."""
@@ -183,7 +204,7 @@ def start_run(
     if resume_run_id:
         run = mlflow.start_run(run_id=resume_run_id, nested=nested)
     else:
-        all_tags = dict(tags or {})
+        all_tags = {CODE_VERSION_TAG: code_version()} | dict(tags or {})
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         run = mlflow.start_run(run_name=run_name, experiment_id=ensure_experiment(), nested=nested, tags=all_tags, description=description)
