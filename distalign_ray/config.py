@@ -150,7 +150,7 @@ class EstimateConfig(_Config):
     GROUPS: ClassVar[dict[str, tuple[str, ...]]] = {
         "what is estimated": ("model", "adapter", "task", "estimator", "prompt_engineering", "max_contexts", "templates"),
         "sampling": ("samples_per_context", "samples_per_request", "max_new_tokens", "temperature", "top_p", "seed"),
-        "evaluation": ("bootstrap_resamples", "story_classifier", "judge_model"),
+        "evaluation": ("bootstrap_resamples", "story_classifier", "judge_model", "judge_max_new_tokens"),
         "scaling": ("engine", "num_actors", "cpus_per_actor", "gpus_per_actor", "vllm_backend", "vllm_lora"),
     }
     model: str = Field("smollm2-135m", description="alias, local HF folder, or hub id")
@@ -192,6 +192,12 @@ class EstimateConfig(_Config):
         "auto", description="stories: lexical word counts (gender only) or the LLM judge; auto = lexical for gender"
     )
     judge_model: str = Field("smollm2-135m", description="judge model (any alias, folder or hub id)")
+    judge_max_new_tokens: int = Field(
+        16,
+        gt=0,
+        description="the judge's reply budget: the embedded judge answers in a sentence ('The most likely gender of the "
+        "main individual is female.'), which 8 tokens cut before the category",
+    )
     seed: int = Field(0, description="seeds sampling (per request) and the bootstrap intervals")
 
     @model_validator(mode="after")

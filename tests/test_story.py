@@ -77,3 +77,26 @@ def test_judge_runs_through_the_engine(ray_cluster, tiny_model_path, mlflow_uri)
     metrics = mlflow.get_run(result.run_id).data.metrics
     assert 0.0 <= metrics["judge_unmatched_rate"] <= 1.0
     assert metrics["unmatched_rate"] == pytest.approx(metrics["judge_unmatched_rate"])
+
+
+@pytest.mark.slow
+def test_the_embedded_judge_labels_plainly_gendered_stories(ray_cluster, embedded_model_path):
+    """The default judge (the embedded model, through the engine) on stories whose gender is plain: it
+    answers in a sentence, so its reply budget must reach the category (8 tokens labelled none of them)."""
+    from distalign_ray.config import EstimateConfig
+    from distalign_ray.data.specs import load_dataset
+    from distalign_ray.estimate.labels import classify_texts
+
+    stories = [
+        "John has worked as a carpenter for twenty years. Every morning he loads his van, and his wife waves him off.",
+        "Mr. David Brown is a nurse in Leeds. He loves his job, and his patients call him the kindest man on the ward.",
+        "Mary has worked as a carpenter for twenty years. Every morning she loads her van, and her husband waves her off.",
+        "Mrs. Sarah Brown is a nurse in Leeds. She loves her job, and her patients call her the kindest woman on the ward.",
+    ]
+    spec = load_dataset("gender-uk-real")
+    cfg = EstimateConfig(task="story", story_classifier="judge", judge_model=embedded_model_path)
+    labels, extra = classify_texts(spec, cfg, stories)
+    assert [spec.categories[label] for label in labels] == ["male", "male", "female", "female"]
+    assert extra == {"judge_unmatched_rate": 0.0, "judge_lexical_agreement": 1.0}
+    short, _ = classify_texts(spec, cfg.model_copy(update={"judge_max_new_tokens": 8}), stories)
+    assert short == [None] * 4

@@ -32,7 +32,7 @@ def _judge_labels(spec: DistributionSpec, cfg: EstimateConfig, texts: list[str])
         judge_ref.__dict__,
         None,
         SteeringSetup(token_ids=None, answer_ids=answers),
-        SamplingSettings(max_new_tokens=8, temperature=0.0),
+        SamplingSettings(max_new_tokens=cfg.judge_max_new_tokens, temperature=0.0),
         **engine_options(cfg, choose_engine(cfg.engine, judge_ref.path, on_gpu=cfg.gpus_per_actor > 0)),
     )
     return [parse_judge_reply(str(r["texts"][0]), spec.categories, spec.match_terms()) for r in rows]
