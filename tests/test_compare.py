@@ -216,6 +216,10 @@ def test_report_says_how_far_the_run_got_and_what_tuning_chose():
     tuning = {"hybrid": {"values": {"lr": 0.0011, "beta": 0.21}, "best_val_mae": 0.05, "trials": 4, "dataset": "gender-uk-real"}}
     report = results_document(rows, ReportContext(cfg, specs, tuning, 30, 7200.0, 600.0, "2 CPUs"))
     assert "**partial: 11 of 30 cells finished**" in report
+    story = _cell("zero-shot", 0, 0.27, task="story", template="pooled", judge_lexical_agreement=0.75, lexical_mae=0.2)
+    with_story = results_document([*rows, story], ReportContext(cfg, specs, tuning, 30, 7200.0, 600.0, "2 CPUs"))
+    judge_line = "- Story judge against the lexical classifier: 75.0% agreement; story MAE 0.270 by the judge, 0.200 by the lexical"
+    assert judge_line in with_story
     assert "| hybrid | lr 0.0011, beta 0.21 | 0.050 |" in report
     early = results_document(
         [], ReportContext(cfg.model_copy(update={"methods": ["ift", "hybrid"]}), specs, tuning, 30, 0.0, 60.0, "2 CPUs")

@@ -77,6 +77,7 @@ def test_judge_runs_through_the_engine(ray_cluster, tiny_model_path, mlflow_uri)
     metrics = mlflow.get_run(result.run_id).data.metrics
     assert 0.0 <= metrics["judge_unmatched_rate"] <= 1.0
     assert metrics["unmatched_rate"] == pytest.approx(metrics["judge_unmatched_rate"])
+    assert 0.0 <= metrics["lexical_unmatched_rate"] <= 1.0 and metrics["lexical_mae"] >= 0.0  # the lexicon's estimate beside it
 
 
 @pytest.mark.slow
@@ -95,8 +96,8 @@ def test_the_embedded_judge_labels_plainly_gendered_stories(ray_cluster, embedde
     ]
     spec = load_dataset("gender-uk-real")
     cfg = EstimateConfig(task="story", story_classifier="judge", judge_model=embedded_model_path)
-    labels, extra = classify_texts(spec, cfg, stories)
-    assert [spec.categories[label] for label in labels] == ["male", "male", "female", "female"]
+    labels, extra, lexical = classify_texts(spec, cfg, stories)
+    assert [spec.categories[label] for label in labels] == ["male", "male", "female", "female"] and lexical == labels
     assert extra == {"judge_unmatched_rate": 0.0, "judge_lexical_agreement": 1.0}
-    short, _ = classify_texts(spec, cfg.model_copy(update={"judge_max_new_tokens": 8}), stories)
+    short, _, _ = classify_texts(spec, cfg.model_copy(update={"judge_max_new_tokens": 8}), stories)
     assert short == [None] * 4

@@ -31,6 +31,7 @@ METRIC_COLUMNS = (
     "noise_p_value",
     "readout_mae",
     "judge_lexical_agreement",
+    "lexical_mae",
 )
 
 
@@ -176,10 +177,13 @@ def discussion_lines(rows: list[dict]) -> list[str]:
         seen = [r["mae"] for r in rows if r["method"] == method and r["task"] == "attribute" and r["template"] in PAPER_TEMPLATES]
         if held and seen:
             lines.append(f"- {method}: held-out paraphrase MAE {np.mean(held):.3f} against {np.mean(seen):.3f} on the trained templates.")
-    agreement = [r["judge_lexical_agreement"] for r in rows if not math.isnan(r.get("judge_lexical_agreement", math.nan))]
-    if agreement:
+    judged = [r for r in rows if not math.isnan(r.get("judge_lexical_agreement", math.nan))]
+    if judged:
         lines.append(
-            f"- Story judge against the lexical classifier: {np.mean(agreement):.1%} agreement (mean over {len(agreement)} cells)."
+            f"- Story judge against the lexical classifier: {np.mean([r['judge_lexical_agreement'] for r in judged]):.1%} "
+            f"agreement; story MAE {np.mean([r['mae'] for r in judged]):.3f} by the judge, "
+            f"{np.nanmean([r.get('lexical_mae', math.nan) for r in judged]):.3f} by the lexical classifier "
+            f"(means over {len(judged)} cells)."
         )
     return lines or ["- No finished cell yet."]
 

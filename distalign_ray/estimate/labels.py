@@ -38,19 +38,20 @@ def _judge_labels(spec: DistributionSpec, cfg: EstimateConfig, texts: list[str])
     return [parse_judge_reply(str(r["texts"][0]), spec.categories, spec.match_terms()) for r in rows]
 
 
-def classify_texts(spec: DistributionSpec, cfg: EstimateConfig, texts: list[str]) -> tuple[list[int | None], dict]:
-    """Labels for every text, and extra metrics (judge agreement with the lexical classifier)."""
+def classify_texts(spec: DistributionSpec, cfg: EstimateConfig, texts: list[str]) -> tuple[list[int | None], dict, list[int | None] | None]:
+    """Labels for every text, extra metrics (the judge's unmatched rate and agreement with the lexical
+    classifier), and the lexical labels beside the judge's where it labels gender stories (else None)."""
     if cfg.task == "attribute":
         classifier = LexicalClassifier(spec.categories, spec.match_terms())
-        return [classifier(t) for t in texts], {}
+        return [classifier(t) for t in texts], {}, None
     from distalign_ray.evaluation.story import GenderLexicon
 
     lexical = [GenderLexicon(spec.categories)(t) for t in texts] if spec.attribute == "gender" else None
     if cfg.story_classifier_for(spec.attribute) == "lexical":
-        return lexical, {}
+        return lexical, {}, None
     judged = _judge_labels(spec, cfg, texts)
     extra = {"judge_unmatched_rate": sum(j is None for j in judged) / max(1, len(judged))}
     if lexical is not None:
         both = [(j, l) for j, l in zip(judged, lexical) if j is not None and l is not None]
         extra["judge_lexical_agreement"] = sum(j == l for j, l in both) / len(both) if both else float("nan")
-    return judged, extra
+    return judged, extra, lexical

@@ -17,12 +17,25 @@ from distalign_ray.evaluation.metrics import DistributionReport, distribution_re
 SAMPLE_COLUMNS = ("context_index", "context", "template", "request_id", "seed", "steering_id", "text", "cut", "label")
 
 
+def by_context(contexts: list[int], labels: list[int | None], num_contexts: int) -> list[np.ndarray]:
+    """Each context's class indices (-1: unmatched), as `distribution_report` takes them."""
+    grouped = [[] for _ in range(num_contexts)]
+    for o, label in zip(contexts, labels, strict=True):
+        grouped[o].append(-1 if label is None else label)
+    return [np.array(g, dtype=int) for g in grouped]
+
+
 def _samples_table(rows: list[dict], spec: DistributionSpec, cfg: EstimateConfig):
     import pyarrow as pa
 
     columns = {name: [] for name in SAMPLE_COLUMNS}
     texts = [str(t) for row in rows for t in row["texts"]]
-    labels, extra = classify_texts(spec, cfg, texts)
+    labels, extra, lexical = classify_texts(spec, cfg, texts)
+    if lexical is not None:  # the judge's labels are the estimate; the lexical ones give its MAE beside it
+        contexts = [int(row["context_index"]) for row in rows for _ in row["texts"]]
+        grouped = by_context(contexts, lexical, len(spec.contexts))
+        second = distribution_report(grouped, np.array(spec.targets), cfg.bootstrap_resamples, cfg.seed)
+        extra |= {"lexical_mae": second.mae, "lexical_unmatched_rate": second.unmatched_rate}
     position = 0
     for row in rows:
         for text, steering_id, cut in zip(row["texts"], row["steering_indices"], row["cut"], strict=True):
@@ -66,12 +79,9 @@ def summarize(plan: EstimatePlan, rows: list[dict], output_dir: Path):
     pq.write_table(table, partial)
     os.replace(partial, samples_path)
     index = {c: i for i, c in enumerate(spec.categories)}
-    context_col = table.column("context_index").to_pylist()
-    label_col = table.column("label").to_pylist()
-    labels = [[] for _ in spec.contexts]
-    for o, label in zip(context_col, label_col):
-        labels[o].append(-1 if label is None else index[label])
-    report = distribution_report([np.array(l, dtype=int) for l in labels], targets, cfg.bootstrap_resamples, cfg.seed)
+    labels = [None if label is None else index[label] for label in table.column("label").to_pylist()]
+    grouped = by_context(table.column("context_index").to_pylist(), labels, len(spec.contexts))
+    report = distribution_report(grouped, targets, cfg.bootstrap_resamples, cfg.seed)
     extra |= per_template_metrics(table, spec, cfg)
     if cfg.task != "attribute":  # answer-token readout is not defined for free-form stories
         return report, None, None, samples_path, extra
@@ -88,11 +98,9 @@ def per_template_metrics(table, spec: DistributionSpec, cfg: EstimateConfig) -> 
     rows = list(zip(table.column("template").to_pylist(), table.column("context_index").to_pylist(), table.column("label").to_pylist()))
     out = {}
     for template in templates:
-        labels = [[] for _ in spec.contexts]
-        for t, o, label in rows:
-            if t == template:
-                labels[o].append(-1 if label is None else index[label])
-        report = distribution_report([np.array(l, dtype=int) for l in labels], np.array(spec.targets), cfg.bootstrap_resamples, cfg.seed)
+        chosen = [(o, None if label is None else index[label]) for t, o, label in rows if t == template]
+        grouped = by_context([o for o, _ in chosen], [label for _, label in chosen], len(spec.contexts))
+        report = distribution_report(grouped, np.array(spec.targets), cfg.bootstrap_resamples, cfg.seed)
         out |= {
             f"{template}/{k}": v
             for k, v in report.metrics().items()
