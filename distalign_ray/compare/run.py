@@ -15,14 +15,14 @@ from distalign_ray.compare.report import METRIC_COLUMNS, ReportContext, results_
 from distalign_ray.data.prompts import held_out_ids, template_ids
 from distalign_ray.methods import METHODS, Method, get_methods
 from distalign_ray.paths import home_dir
-from distalign_ray.tracking.mlflow_store import CODE_VERSION_TAG
+from distalign_ray.tracking.mlflow_store import CODE_VERSION_TAG, EXPERIMENT, child_runs
 
 
 def _parent_run(name: str):
     import mlflow
 
     runs = mlflow.search_runs(
-        experiment_names=["distalign"],
+        experiment_names=[EXPERIMENT],
         filter_string=f"tags.job = 'compare' and tags.compare = '{name}'",
         order_by=["attributes.start_time DESC"],
         output_format="list",
@@ -32,13 +32,7 @@ def _parent_run(name: str):
 
 def finished_cells(parent_id: str) -> dict[str, str]:
     """cell key -> run id of the FINISHED estimate child runs of `parent_id`."""
-    import mlflow
-
-    runs = mlflow.search_runs(
-        experiment_names=["distalign"],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and tags.kind = 'estimate' and attributes.status = 'FINISHED'",
-        output_format="list",
-    )
+    runs = child_runs(parent_id, kind="estimate", finished_only=True)
     return {r.data.tags["cell"]: r.info.run_id for r in runs}
 
 
@@ -204,23 +198,13 @@ def compute_seconds(parent_id: str) -> float:
     (and the machines its record came from)."""
     import mlflow
 
-    runs = mlflow.search_runs(
-        experiment_names=["distalign"],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'FINISHED'",
-        output_format="list",
-    )
+    runs = child_runs(parent_id, finished_only=True)
     imported = float(mlflow.get_run(parent_id).data.tags.get(IMPORTED_SECONDS_TAG, 0.0))
     return imported + sum((r.info.end_time - r.info.start_time) / 1000 for r in runs if r.info.end_time)
 
 
 def collect_results(parent_id: str) -> list[dict]:
-    import mlflow
-
-    runs = mlflow.search_runs(
-        experiment_names=["distalign"],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and tags.kind = 'estimate' and attributes.status = 'FINISHED'",
-        output_format="list",
-    )
+    runs = child_runs(parent_id, kind="estimate", finished_only=True)
     rows = []
     for run in runs:
         tags = run.data.tags

@@ -183,6 +183,19 @@ def code_version() -> str:
         return f"distalign-ray {importlib.metadata.version('distalign-ray')}"
 
 
+def child_runs(parent_id: str, kind: str | None = None, finished_only: bool = False) -> list:
+    """The runs nested under `parent_id` in the project experiment (of one `kind` tag, if given; only
+    the FINISHED ones if `finished_only`)."""
+    import mlflow
+
+    clauses = [f"tags.mlflow.parentRunId = '{parent_id}'"]
+    if kind:
+        clauses.append(f"tags.kind = '{kind}'")
+    if finished_only:
+        clauses.append("attributes.status = 'FINISHED'")
+    return mlflow.search_runs(experiment_names=[EXPERIMENT], filter_string=" and ".join(clauses), output_format="list")
+
+
 @contextmanager
 def start_run(
     run_name: str,

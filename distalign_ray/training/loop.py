@@ -48,7 +48,7 @@ def _all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value / torch.distributed.get_world_size()
 
 
-def _lr_lambda(total_steps: int, warmup_ratio: float, min_ratio: float):
+def lr_factor(total_steps: int, warmup_ratio: float, min_ratio: float):
     warmup = max(1, int(round(total_steps * warmup_ratio)))
 
     def factor(step: int) -> float:
@@ -134,7 +134,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             stage = by_name[name]
             total = stage_steps(stage)
             opt = torch.optim.AdamW(trainable, lr=stage.lr, weight_decay=cfg.weight_decay)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, cfg.warmup_ratio, cfg.min_lr_ratio))
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(total, cfg.warmup_ratio, cfg.min_lr_ratio))
             optimizers[name] = (opt, sched)
         return optimizers[name]
 

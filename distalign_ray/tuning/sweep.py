@@ -30,6 +30,7 @@ from distalign_ray import storage
 from distalign_ray.config import FinetuneConfig
 from distalign_ray.errors import DistalignError
 from distalign_ray.paths import home_dir
+from distalign_ray.tracking.mlflow_store import child_runs
 
 SEARCHED = ("kl_weight", "kto_weight", "lr", "beta")
 Searched = Literal["kl_weight", "kto_weight", "lr", "beta"]
@@ -156,12 +157,7 @@ def _resumable_parent(previous: dict | None, experiment: str) -> str | None:
 
 
 def _finished_trials(parent_id: str) -> int:
-    import mlflow
-
-    runs = mlflow.search_runs(
-        experiment_names=["distalign"], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", output_format="list"
-    )
-    return len({run.info.run_name for run in runs if run.info.status == "FINISHED"})  # a trial rerun has two runs
+    return len({run.info.run_name for run in child_runs(parent_id, finished_only=True)})  # a trial rerun has two runs
 
 
 def _tune_config(spec, cfg: SweepConfig, base: FinetuneConfig):
@@ -285,8 +281,6 @@ def _end_stopped_trial_runs(parent_id: str) -> None:
     import mlflow
 
     client = mlflow.tracking.MlflowClient()
-    for run in mlflow.search_runs(
-        experiment_names=["distalign"], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", output_format="list"
-    ):
+    for run in child_runs(parent_id):
         if run.info.status == "RUNNING":
             client.set_terminated(run.info.run_id, status="KILLED")
