@@ -23,10 +23,10 @@ from distalign_ray.compare.report import (
     write_csv,
     write_results,
 )
-from distalign_ray.compare.run import collect_results, run_compare
+from distalign_ray.compare.run import collect_results, compute_seconds, finished_cells, run_compare
 from distalign_ray.errors import DistalignError
 from distalign_ray.methods import METHODS, get_methods
-from distalign_ray.tracking.mlflow_store import code_version
+from distalign_ray.tracking.mlflow_store import child_runs, code_version, start_run
 
 
 def test_registry_pulls_in_what_a_method_starts_from():
@@ -117,6 +117,24 @@ def test_results_writer(tmp_path):
     assert len(csv_lines) == 6 and csv_lines[0].endswith(",trained_on,code_version")
     assert (tmp_path / "heatmap_attribute.png").stat().st_size > 1000
     assert results_markdown(rows).count("\n") == 3
+
+
+def test_only_finished_estimates_of_this_parent_count_as_done(mlflow_uri):
+    """Resuming reads the parent's child runs: a cell cut short, a training and another parent's cell are not done."""
+    with start_run("parent", "a comparison") as parent:
+        with start_run("cell a", "", tags={"kind": "estimate", "cell": "a"}, nested=True) as done:
+            pass
+        with pytest.raises(KeyboardInterrupt), start_run("cell b", "", tags={"kind": "estimate", "cell": "b"}, nested=True):
+            raise KeyboardInterrupt
+        with start_run("train", "", tags={"kind": "train"}, nested=True):
+            pass
+    with start_run("other", "another comparison"), start_run("cell c", "", tags={"kind": "estimate", "cell": "c"}, nested=True):
+        pass
+    parent_id = parent.info.run_id
+    assert finished_cells(parent_id) == {"a": done.info.run_id}
+    assert sorted(r.info.status for r in child_runs(parent_id)) == ["FINISHED", "FINISHED", "KILLED"]
+    assert [r.data.tags["kind"] for r in child_runs(parent_id, finished_only=True, kind="train")] == ["train"]
+    assert 0 < compute_seconds(parent_id) < 60  # the two finished children's wall time
 
 
 @pytest.mark.slow
