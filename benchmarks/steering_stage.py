@@ -27,7 +27,7 @@ def main() -> None:
     from distalign_ray.models import load_model, load_tokenizer, resolve_model
     from distalign_ray.scoring import CompletionScorer
     from distalign_ray.training.budget import plan_budget
-    from distalign_ray.training.loop import batches, build_lora, lr_factor
+    from distalign_ray.training.loop import batches, build_lora, lr_factor, optimizer_step
     from distalign_ray.training.objective import steering_readout
     from distalign_ray.training.stages import build_stages, validation_set
 
@@ -78,11 +78,7 @@ def main() -> None:
         while step < steps:
             for batch in batches(stage.groups, budget.prompts_per_batch, cfg.seed * 1000 + plan_index + args.order, 0, 1):
                 loss = stage.step(scorer, batch)["loss"]
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
+                optimizer_step(loss, trainable, optimizer, scheduler, cfg.max_grad_norm)
                 step += 1
                 if step % args.every == 0 or step == steps:
                     print(f"| {stage.name} | {step} | {loss.item():.4f} | {readout_mae():.3f} |", flush=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import shlex
 import subprocess
+import time
 
 import mlflow
 import numpy as np
@@ -135,6 +136,21 @@ def test_only_finished_estimates_of_this_parent_count_as_done(mlflow_uri):
     assert sorted(r.info.status for r in child_runs(parent_id)) == ["FINISHED", "FINISHED", "KILLED"]
     assert [r.data.tags["kind"] for r in child_runs(parent_id, finished_only=True, kind="train")] == ["train"]
     assert 0 < compute_seconds(parent_id) < 60  # the two finished children's wall time
+
+
+def test_a_reopened_run_counts_its_open_time_not_its_pauses(mlflow_uri):
+    """compute_seconds sums each step's time open: a sweep cut and resumed later is not charged the gap."""
+    with start_run("parent", "a comparison") as parent:
+        with pytest.raises(KeyboardInterrupt), start_run("sweep", "", nested=True) as sweep:
+            time.sleep(0.5)
+            raise KeyboardInterrupt
+    time.sleep(3)  # the pause between invocations
+    with start_run("parent", "", resume_run_id=parent.info.run_id), start_run("sweep", "", nested=True, resume_run_id=sweep.info.run_id):
+        time.sleep(0.5)
+    reopened = mlflow.get_run(sweep.info.run_id)
+    assert (reopened.info.end_time - reopened.info.start_time) / 1000 > 4
+    assert 1 <= reopened.data.metrics["wall_seconds"] < 2.5
+    assert compute_seconds(parent.info.run_id) == reopened.data.metrics["wall_seconds"]
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from distalign_ray.compare.report import METRIC_COLUMNS, ReportContext, results_
 from distalign_ray.data.prompts import held_out_ids, template_ids
 from distalign_ray.methods import METHODS, Method, get_methods
 from distalign_ray.paths import home_dir
-from distalign_ray.tracking.mlflow_store import CODE_VERSION_TAG, EXPERIMENT, child_runs
+from distalign_ray.tracking.mlflow_store import CODE_VERSION_TAG, EXPERIMENT, child_runs, wall_seconds
 
 
 def _parent_run(name: str):
@@ -195,12 +195,11 @@ def write_report(parent_id: str, report: str | Path, ctx: ReportContext) -> None
 
 def compute_seconds(parent_id: str) -> float:
     """Wall time of every finished step of the comparison (tuning, trainings, cells), over all invocations
-    (and the machines its record came from)."""
+    (and the machines its record came from); the pauses of a step reopened by a resume do not count."""
     import mlflow
 
-    runs = child_runs(parent_id, finished_only=True)
     imported = float(mlflow.get_run(parent_id).data.tags.get(IMPORTED_SECONDS_TAG, 0.0))
-    return imported + sum((r.info.end_time - r.info.start_time) / 1000 for r in runs if r.info.end_time)
+    return imported + sum(wall_seconds(run) for run in child_runs(parent_id, finished_only=True))
 
 
 def collect_results(parent_id: str) -> list[dict]:

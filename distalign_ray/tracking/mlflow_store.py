@@ -27,6 +27,9 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 UI_VIEW = "?workflowType=machine_learning"
 UI_ADDRESS = "http://127.0.0.1:5000"  # where `distalign ui` serves the local store by default
 ESTIMATION_METRICS = ("mae", "mae_ci_low", "mae_ci_high", "mae_debiased", "kl", "js", "unmatched_rate", "noise_floor_mae", "noise_p_value")
+# A run's wall time summed over the invocations that had it open: a reopened run's end - start
+# would also count the pause between them.
+WALL_SECONDS_METRIC = "wall_seconds"
 ESTIMATION_TAGS = ("dataset", "task", "method", "estimator", "model")
 # The runs table shows only source/model/dataset columns by default; a saved view (what the UI's
 # "Share" button stores as an experiment tag) opens it with the numbers users compare runs by.
@@ -214,7 +217,10 @@ def start_run(
     import mlflow
 
     check_tracking()
+    opened = time.monotonic()
+    earlier_seconds = 0.0
     if resume_run_id:
+        earlier_seconds = wall_seconds(mlflow.get_run(resume_run_id))
         run = mlflow.start_run(run_id=resume_run_id, nested=nested)
     else:
         all_tags = {CODE_VERSION_TAG: code_version()} | dict(tags or {})
@@ -240,7 +246,16 @@ def start_run(
         if status is not None:
             if not (nested or parent_run_id):
                 attach_log()
+            mlflow.log_metric(WALL_SECONDS_METRIC, earlier_seconds + time.monotonic() - opened)
             mlflow.end_run(status)
+
+
+def wall_seconds(run) -> float:
+    """The time `run` was open: its `wall_seconds`, or end - start for a run closed once by a version
+    that did not log it; 0 for a run never closed."""
+    if WALL_SECONDS_METRIC in run.data.metrics:
+        return run.data.metrics[WALL_SECONDS_METRIC]
+    return (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else 0.0
 
 
 def attach_log() -> None:

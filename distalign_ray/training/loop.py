@@ -48,6 +48,16 @@ def _all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value / torch.distributed.get_world_size()
 
 
+def optimizer_step(loss, trainable: list, optimizer, scheduler, max_grad_norm: float):
+    """One update from `loss`, its gradient clipped to `max_grad_norm`; returns the norm before clipping."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    return grad_norm
+
+
 def lr_factor(total_steps: int, warmup_ratio: float, min_ratio: float):
     warmup = max(1, int(round(total_steps * warmup_ratio)))
 
@@ -174,11 +184,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         for batch in batches(stage.groups, budget.prompts_per_batch, cfg.seed * 1000 + plan_index, rank, world):
             with autocast:
                 parts = stage.step(scorer, batch)
-            opt.zero_grad(set_to_none=True)
-            parts["loss"].backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-            opt.step()
-            sched.step()
+            grad_norm = optimizer_step(parts["loss"], trainable, opt, sched, cfg.max_grad_norm)
             global_step += 1
             epoch_losses.append(parts["loss"].item())
             progress.step(name, epoch, stage.epochs, global_step, epoch_losses[-1])
