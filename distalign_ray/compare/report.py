@@ -264,7 +264,7 @@ def results_document(rows: list[dict], ctx: ReportContext) -> str:
             f"lr in [{tune.lr[0]:g}, {tune.lr[1]:g}], beta in [{tune.beta[0]:g}, {tune.beta[1]:g}] where the objective has one, "
             "log-uniform), trained on its attribute templates and scored by val_mae on its held-out paraphrase.",
             "",
-            "| method | chosen | best val_mae |",
+            "| method | chosen | val_mae (chosen trial, last epoch) |",
             "|---|---|---|",
         ]
         for method, chosen in ctx.tuning.items():

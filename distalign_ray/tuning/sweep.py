@@ -160,6 +160,23 @@ def _finished_trials(parent_id: str) -> int:
     return len({run.info.run_name for run in child_runs(parent_id, finished_only=True)})  # a trial rerun has two runs
 
 
+def epochs_per_trial(budget) -> int:
+    """A trial's reports (one per epoch of either stage) under `budget` (a `plan_budget`)."""
+    return budget.sft_epochs + budget.epochs
+
+
+def final_choice(results, epochs: int):
+    """The trial whose trained model scores best: training keeps the last epoch's adapter, so a trial
+    counts by its last val_mae, and only a trial that trained all `epochs` (ASHA stops some) is a
+    candidate."""
+    from distalign_ray.tuning.reports import EPOCHS_DONE
+
+    whole = [result for result in results if not result.error and result.metrics.get(EPOCHS_DONE) == epochs]
+    if not whole:
+        raise DistalignError(f"no trial of the sweep trained its whole budget ({epochs} epochs): nothing to choose from")
+    return min(whole, key=lambda result: result.metrics["val_mae"])
+
+
 def _tune_config(spec, cfg: SweepConfig, base: FinetuneConfig):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -178,8 +195,8 @@ def _tune_config(spec, cfg: SweepConfig, base: FinetuneConfig):
         search_alg = BasicVariantGenerator(
             points_to_evaluate=defaults, random_state=cfg.seed, max_concurrent=cfg.max_concurrent_trials or 0
         )
-    budget = plan_budget(base, spec)  # a trial reports once per epoch of either stage
-    max_t = budget.sft_epochs + budget.epochs
+    budget = plan_budget(base, spec)
+    max_t = epochs_per_trial(budget)
     scheduler = (
         ASHAScheduler(time_attr=EPOCHS_DONE, max_t=max_t, grace_period=min(max_t, budget.sft_epochs + 1), reduction_factor=2)
         if cfg.scheduler == "asha"
@@ -205,6 +222,7 @@ def run_sweep(spec, cfg: SweepConfig, nested: bool = False) -> dict:
     from distalign_ray.console import terminal
     from distalign_ray.models import resolve_model
     from distalign_ray.tracking.mlflow_store import check_tracking, log_params, start_run, tracking_uri
+    from distalign_ray.training.budget import plan_budget
     from distalign_ray.training.finetune import validate_finetune
     from distalign_ray.training.launcher import fit_in_thread, train_storage
 
@@ -257,12 +275,12 @@ def run_sweep(spec, cfg: SweepConfig, nested: bool = False) -> dict:
         except KeyboardInterrupt:
             _end_stopped_trial_runs(parent.info.run_id)  # the trials' runs end KILLED with the sweep's
             raise
-        best = results.get_best_result(metric="val_mae", mode="min", scope="all")
+        best = final_choice(results, epochs_per_trial(plan_budget(base, spec)))
         best_finetune = cfg.finetune.model_copy(update={k: best.config[k] for k in cfg.searched})
         output = Path(cfg.output) if cfg.output else home_dir() / "sweeps" / cfg.name / "best.yaml"
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(yaml.safe_dump({"finetune": best_finetune.model_dump()}, sort_keys=False))
-        best_mae = float(best.metrics_dataframe["val_mae"].min())
+        best_mae = float(best.metrics["val_mae"])
         mlflow.log_metrics({"best_val_mae": best_mae} | {f"best_{k}": float(best.config[k]) for k in cfg.searched})
         mlflow.log_artifact(str(output))
         _end_stopped_trial_runs(parent.info.run_id)
