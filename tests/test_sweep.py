@@ -21,9 +21,7 @@ def test_a_trial_counts_by_its_last_epoch_and_only_if_it_trained_whole(ray_clust
             tune.report({"val_mae": val_mae, EPOCHS_DONE: epoch})
 
     curves = [[0.10, 0.50, 0.40], [0.30, 0.25, 0.20], [0.05]]  # best epoch not last; steady; stopped after one epoch
-    tuner = tune.Tuner(
-        report_curve, param_space={"curve": tune.grid_search(curves)}, run_config=tune.RunConfig(storage_path=str(tmp_path))
-    )
+    tuner = tune.Tuner(report_curve, param_space={"curve": tune.grid_search(curves)}, run_config=tune.RunConfig(storage_path=str(tmp_path)))
     results = tuner.fit()
     assert results.get_best_result("val_mae", "min", scope="all").config["curve"] == curves[2]
     chosen = final_choice(results, epochs=3)
