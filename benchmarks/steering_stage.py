@@ -60,7 +60,7 @@ def main() -> None:
 
     def readout_mae() -> float:
         model.eval()
-        probs = steering_readout(model, list(prompts), vocab.token_ids, tokenizer.pad_token_id)
+        probs = steering_readout(model, list(prompts), vocab.token_ids, tokenizer.pad_token_id).probs
         model.train()
         return float((probs - targets).abs().mean())
 

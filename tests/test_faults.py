@@ -172,7 +172,13 @@ def test_ctrl_c_in_a_compare_cell_then_resume(tiny_run_settings, tmp_path):
     ray_tmpdir = f"/tmp/rf{secrets.token_hex(3)}"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = _env(tmp_path, ray_tmpdir, uri)
-    config = {"name": "faults", "datasets": ["gender-us-real"], "methods": ["hybrid"], "seeds": [0], "tune": {"trials": 2}}
+    config = {
+        "name": "faults",
+        "datasets": ["gender-us-real"],
+        "methods": ["hybrid"],
+        "seeds": [0],
+        "tune": {"trials": 2, "min_answer_mass": 0.0},
+    }
     config |= tiny_run_settings()
     (tmp_path / "compare.yaml").write_text(yaml.safe_dump(config))
     argv = ["compare", "--config", str(tmp_path / "compare.yaml")]

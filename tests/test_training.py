@@ -16,7 +16,7 @@ from distalign_ray.data.steering import prepare_steering_vocab
 from distalign_ray.models import ModelRef, load_model, load_tokenizer
 from distalign_ray.tracking.mlflow_store import ensure_experiment
 from distalign_ray.training.finetune import run_finetune
-from distalign_ray.training.objective import steering_readout
+from distalign_ray.training.objective import forced_choice_readout, steering_readout
 
 
 def _readout_mae(model_path: str, adapter: str | None, spec) -> float:
@@ -27,9 +27,40 @@ def _readout_mae(model_path: str, adapter: str | None, spec) -> float:
     model = load_model(ref, adapter).eval()
     vocab = prepare_steering_vocab(tokenizer, spec)
     rows = build_prompts(spec, "attribute")
-    probs = steering_readout(model, [chat_prompt_ids(tokenizer, r) for r in rows], vocab.token_ids, tokenizer.pad_token_id)
+    probs = steering_readout(model, [chat_prompt_ids(tokenizer, r) for r in rows], vocab.token_ids, tokenizer.pad_token_id).probs
     targets = torch.tensor([spec.targets[r.context_index] for r in rows])
     return float((probs - targets).abs().mean())
+
+
+def test_readouts_give_the_mass_their_classes_get_before_renormalising(tiny_model_path):
+    """Checked against one unpadded forward per prompt (the readouts batch and left-pad)."""
+    from distalign_ray.data.prompts import build_prompts, chat_prompt_ids
+    from distalign_ray.data.steering import answer_ids
+
+    spec = load_dataset("gender-us-real").subset(3)
+    ref = ModelRef(name="tiny", path=tiny_model_path, is_local=True)
+    tokenizer = load_tokenizer(ref)
+    model = load_model(ref, None).eval()
+    prompts = [chat_prompt_ids(tokenizer, row) for row in build_prompts(spec, "attribute")][:5]
+    ids = prepare_steering_vocab(tokenizer, spec).token_ids
+    answers = [answer_ids(tokenizer, spec.answers[c])[:-1] for c in spec.categories]
+
+    def next_token_probs(tokens: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.softmax(model(torch.tensor([tokens])).logits[0].float(), dim=-1)
+
+    steering = steering_readout(model, prompts, ids, tokenizer.pad_token_id)
+    expected = torch.stack([next_token_probs(p)[-1, ids] for p in prompts])
+    assert torch.allclose(steering.mass, expected.sum(-1), rtol=1e-4)
+    assert torch.allclose(steering.probs, expected / expected.sum(-1, keepdim=True), atol=1e-5)
+
+    forced = forced_choice_readout(model, prompts, answers, tokenizer.pad_token_id)
+    expected = torch.tensor(
+        [[next_token_probs(p + a)[len(p) - 1 : -1].gather(1, torch.tensor(a)[:, None]).prod().item() for a in answers] for p in prompts]
+    )
+    assert torch.allclose(forced.mass, expected.sum(-1), rtol=1e-3)
+    assert torch.allclose(forced.probs, expected / expected.sum(-1, keepdim=True), atol=1e-4)
+    assert 0 < forced.mass.min() and forced.mass.max() < 1
 
 
 def test_local_mode_hybrid_moves_steering_distribution(tiny_model_path, tmp_path, mlflow_uri, monkeypatch):
@@ -45,6 +76,7 @@ def test_local_mode_hybrid_moves_steering_distribution(tiny_model_path, tmp_path
     after = _readout_mae(tiny_model_path, str(tmp_path / "adapter"), spec)
     assert after < before * 0.7, (before, after)
     assert result["metrics"]["val_mae"] == pytest.approx(after, abs=1e-4)
+    assert 0 < result["metrics"]["val_answer_mass"] <= 1
     meta = read_adapter_meta(tmp_path / "adapter")
     assert meta["steering_token_ids"] == [32, 33] and meta["categories"] == ["male", "female"]
     assert not list(scratch.glob("distalign-ckpt-*")), "epoch checkpoints left behind"

@@ -38,6 +38,9 @@ class CompareTuneConfig(BaseModel):
         description="fifo runs every trial whole; asha stops trials early on val_mae, for larger searches (with 4 trials it "
         "stopped IFT's best learning rate after one epoch: README, comparison)",
     )
+    min_answer_mass: float = Field(
+        0.5, ge=0.0, le=1.0, description="the least val_answer_mass a chosen trial keeps (the sweep's `min_answer_mass`)"
+    )
     seed: int = Field(0, description="seeds the search and the trials' fine-tuning")
 
 

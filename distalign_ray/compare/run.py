@@ -94,6 +94,7 @@ def _tune(method: Method, cfg: CompareConfig, specs: dict, adapters: str, tuned:
         validation_templates=held_out_ids(spec) or template_ids(spec, "attribute"),
         finetune=finetune,
         seed=cfg.tune.seed,
+        min_answer_mass=cfg.tune.min_answer_mass,
         output=str(home_dir() / "compare" / cfg.name / "tuned" / f"{method.name}-best.yaml"),
     )
     result = run_sweep(spec, sweep, nested=True)

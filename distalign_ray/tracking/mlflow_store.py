@@ -45,6 +45,7 @@ RUNS_TABLE_COLUMNS = (
             "noise_p_value",
             "unmatched_rate",
             "val_mae",
+            "val_answer_mass",
             "binding_accuracy_min",
         )
     ),

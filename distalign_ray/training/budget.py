@@ -48,6 +48,11 @@ class TrainingBudget:
     def steps(self) -> int:
         return self.epochs * self.steps_per_epoch
 
+    @property
+    def all_epochs(self) -> int:
+        """Epochs of either stage: the reports a run makes (a Tune trial's full length)."""
+        return self.sft_epochs + self.epochs
+
     def params(self) -> dict[str, int]:
         """What a run logs to MLflow (as `budget/...` params) and prints."""
         return asdict(self) | {"sft_steps": self.sft_steps, "steps": self.steps}

@@ -18,7 +18,7 @@ from distalign_ray.evaluation.binding import BindingReport, failure_message, sum
 from distalign_ray.models import load_tokenizer, resolve_model
 from distalign_ray.training.budget import plan_budget
 from distalign_ray.training.launcher import build_trainer, fit_in_thread, train_storage
-from distalign_ray.training.loop import ADAPTER_DIR
+from distalign_ray.training.loop import ADAPTER_DIR, ANSWER_MASS
 from distalign_ray.training.progress import training_progress
 from distalign_ray.training.stages import uses_steering
 
@@ -113,10 +113,10 @@ def log_finetune_result(result: dict, cfg: FinetuneConfig) -> None:
 
 def describe_result(result: dict) -> list[str]:
     """The lines a command prints after training."""
-    budget = result["budget"]
+    budget, metrics, nan = result["budget"], result["metrics"], float("nan")
     lines = [
         f"trained {budget.sft_steps} SFT + {budget.steps} steps ({budget.prompts} prompts, {budget.prompts_per_batch} per batch) "
-        f"in {result['seconds']:.0f}s; steering readout MAE {result['metrics'].get('val_mae', float('nan')):.3f}"
+        f"in {result['seconds']:.0f}s; steering readout MAE {metrics.get('val_mae', nan):.3f}, answer mass {metrics.get(ANSWER_MASS, nan):.3f}"
     ]
     if result["binding"] is not None:
         lines.append(summary_line(result["binding"]))

@@ -34,6 +34,7 @@ from distalign_ray.training.stages import build_stages, readout_probs, uses_stee
 
 STATE_FILE = "training_state.pt"
 ADAPTER_DIR = "adapter"
+ANSWER_MASS = "val_answer_mass"  # per epoch: the probability the validation readout's classes get at all
 
 
 def _distributed() -> bool:
@@ -206,24 +207,28 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 
 def _epoch_metrics(model, validation, steering_ids, answers, pad_id, losses, rank, world) -> dict:
-    """Mean train loss and `val_mae`, the readout MAE on every training prompt, reduced over workers."""
+    """Mean train loss, `val_mae` (the readout MAE on every training prompt) and `val_answer_mass` (the
+    probability the readout's classes get at all), reduced over workers."""
     model.eval()
     mine = validation[rank::world]
-    probs = readout_probs(model, [p for p, _ in mine], steering_ids, answers, pad_id) if mine else None
+    readout = readout_probs(model, [p for p, _ in mine], steering_ids, answers, pad_id) if mine else None
     model.train()
     device = next(model.parameters()).device  # NCCL reduces device tensors only
-    abs_err = torch.zeros(2, device=device)
-    if probs is not None:
+    sums = torch.zeros(3, device=device)  # abs error, answer mass, prompts
+    if readout is not None:
         targets = torch.tensor([t for _, t in mine], device=device)
-        abs_err[0] = (probs.float() - targets).abs().mean(-1).sum()
-        abs_err[1] = len(mine)
+        sums[0] = (readout.probs.float() - targets).abs().mean(-1).sum()
+        sums[1] = readout.mass.sum()
+        sums[2] = len(mine)
     loss = torch.tensor([sum(losses), len(losses)], dtype=torch.float32, device=device)
     if _distributed():
-        torch.distributed.all_reduce(abs_err)
+        torch.distributed.all_reduce(sums)
         torch.distributed.all_reduce(loss)
+    prompts = sums[2].clamp_min(1)
     return {
         "train_loss": float(loss[0] / loss[1].clamp_min(1)),
-        "val_mae": float(abs_err[0] / abs_err[1].clamp_min(1)),
+        "val_mae": float(sums[0] / prompts),
+        ANSWER_MASS: float(sums[1] / prompts),
     }
 
 

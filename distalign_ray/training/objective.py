@@ -9,6 +9,7 @@ base + stage-1 adapter (the paper's), or the base with the adapter off (`kto_ref
 from __future__ import annotations
 
 from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
 
@@ -112,14 +113,25 @@ def hybrid_step_loss(scorer, examples: list[TrainingExample], steering_token_ids
     return out
 
 
+class Readout(NamedTuple):
+    """Per prompt: the class distribution a readout gives (renormalised over the classes), and `mass`,
+    the probability the model puts on the classes at all before renormalising (low: its answers
+    mostly match no class, which the renormalised distribution hides)."""
+
+    probs: torch.Tensor
+    mass: torch.Tensor
+
+
 @torch.no_grad()
-def steering_readout(model, prompts: list[list[int]], steering_token_ids: list[int], pad_id: int, batch_size: int = 16):
+def steering_readout(model, prompts: list[list[int]], steering_token_ids: list[int], pad_id: int, batch_size: int = 16) -> Readout:
     """P(steering id | prompt), renormalised over the ids: the distribution inference samples from."""
-    rows = []
+    probs, mass = [], []
     for start in range(0, len(prompts), batch_size):
         logits = encode_prompts(model, prompts[start : start + batch_size], pad_id).last_logits
-        rows.append(torch.softmax(logits[:, steering_token_ids], dim=-1))
-    return torch.cat(rows)
+        ids = logits[:, steering_token_ids]
+        probs.append(torch.softmax(ids, dim=-1))
+        mass.append((ids.float().logsumexp(-1) - logits.float().logsumexp(-1)).exp())
+    return Readout(torch.cat(probs), torch.cat(mass))
 
 
 def dpo_step_loss(scorer, pairs, cfg) -> dict:
@@ -141,8 +153,9 @@ def dpo_step_loss(scorer, pairs, cfg) -> dict:
 
 
 @torch.no_grad()
-def forced_choice_readout(model, prompts: list[list[int]], answers: list[list[int]], pad_id: int):
+def forced_choice_readout(model, prompts: list[list[int]], answers: list[list[int]], pad_id: int) -> Readout:
     """P(class k | prompt) proportional to P(answer k | prompt), for unsteered models."""
     k = len(answers)
     scores = score_completions(model, [p for p in prompts for _ in range(k)], answers * len(prompts), pad_id)
-    return torch.softmax(scores.token_logps.sum(-1).view(len(prompts), k), dim=-1)
+    logps = scores.token_logps.sum(-1).view(len(prompts), k)
+    return Readout(torch.softmax(logps, dim=-1), logps.float().exp().sum(-1))

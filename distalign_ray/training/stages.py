@@ -129,7 +129,7 @@ def _dpo_stages(cfg, spec, tokenizer, vocab, scorer, budget, z0_reduce) -> list[
 
 @torch.no_grad()
 def readout_probs(model, prompts: list[list[int]], steering_ids: list[int] | None, answers: list[list[int]], pad_id: int):
-    """The validation readout: steering-id distribution for steered models, forced choice otherwise."""
+    """The validation readout (a `Readout`): steering-id distribution for steered models, forced choice otherwise."""
     from distalign_ray.training.objective import forced_choice_readout, steering_readout
 
     if steering_ids:

@@ -67,6 +67,13 @@ class SweepConfig(BaseModel):
     max_concurrent_trials: int | None = Field(
         None, gt=0, description="cap on trials running at once; default: as many as the cluster can place workers for"
     )
+    min_answer_mass: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="a trial is chosen only if its last epoch's validation prompts give the classes at least this probability "
+        "(val_answer_mass): below it most sampled answers match no class, which val_mae, renormalised over the classes, does not see",
+    )
     output: str | None = Field(None, description="best-config YAML (default <home>/sweeps/<name>/best.yaml)")
     seed: int = Field(0, description="seeds the search (trial configs) and the trials' fine-tuning")
 
@@ -136,8 +143,8 @@ def _previous_sweep(spec, cfg: SweepConfig) -> dict | None:
 
 
 def _settings(spec, cfg: SweepConfig) -> dict:
-    """What a sweep's trials depend on (not where its best config is written)."""
-    settings = {"sweep": cfg.model_dump(mode="json", exclude={"output"}), "dataset": spec.model_dump(mode="json")}
+    """What a sweep's trials depend on (not how the best is chosen, nor where it is written)."""
+    settings = {"sweep": cfg.model_dump(mode="json", exclude={"output", "min_answer_mass"}), "dataset": spec.model_dump(mode="json")}
     return json.loads(json.dumps(settings))  # as the record reads back
 
 
@@ -160,21 +167,25 @@ def _finished_trials(parent_id: str) -> int:
     return len({run.info.run_name for run in child_runs(parent_id, finished_only=True)})  # a trial rerun has two runs
 
 
-def epochs_per_trial(budget) -> int:
-    """A trial's reports (one per epoch of either stage) under `budget` (a `plan_budget`)."""
-    return budget.sft_epochs + budget.epochs
-
-
-def final_choice(results, epochs: int):
+def final_choice(results, epochs: int, min_answer_mass: float):
     """The trial whose trained model scores best: training keeps the last epoch's adapter, so a trial
-    counts by its last val_mae, and only a trial that trained all `epochs` (ASHA stops some) is a
-    candidate."""
+    counts by its last val_mae, and only a trial that trained all `epochs` (ASHA stops some) and still
+    answers with the classes (last `val_answer_mass` at least `min_answer_mass`) is a candidate."""
+    from distalign_ray.training.loop import ANSWER_MASS
     from distalign_ray.tuning.reports import EPOCHS_DONE
 
     whole = [result for result in results if not result.error and result.metrics.get(EPOCHS_DONE) == epochs]
     if not whole:
         raise DistalignError(f"no trial of the sweep trained its whole budget ({epochs} epochs): nothing to choose from")
-    return min(whole, key=lambda result: result.metrics["val_mae"])
+    # A trial recorded before the metric existed has no mass to hold against it.
+    answering = [result for result in whole if result.metrics.get(ANSWER_MASS, 1.0) >= min_answer_mass]
+    if not answering:
+        highest = max(result.metrics[ANSWER_MASS] for result in whole)
+        raise DistalignError(
+            f"every trial's answers left the classes (highest val_answer_mass {highest:.3f} < min_answer_mass {min_answer_mass:g}): "
+            "search lower learning rates, or lower min_answer_mass"
+        )
+    return min(answering, key=lambda result: result.metrics["val_mae"])
 
 
 def _tune_config(spec, cfg: SweepConfig, base: FinetuneConfig):
@@ -196,7 +207,7 @@ def _tune_config(spec, cfg: SweepConfig, base: FinetuneConfig):
             points_to_evaluate=defaults, random_state=cfg.seed, max_concurrent=cfg.max_concurrent_trials or 0
         )
     budget = plan_budget(base, spec)
-    max_t = epochs_per_trial(budget)
+    max_t = budget.all_epochs
     scheduler = (
         ASHAScheduler(time_attr=EPOCHS_DONE, max_t=max_t, grace_period=min(max_t, budget.sft_epochs + 1), reduction_factor=2)
         if cfg.scheduler == "asha"
@@ -225,6 +236,7 @@ def run_sweep(spec, cfg: SweepConfig, nested: bool = False) -> dict:
     from distalign_ray.training.budget import plan_budget
     from distalign_ray.training.finetune import validate_finetune
     from distalign_ray.training.launcher import fit_in_thread, train_storage
+    from distalign_ray.training.loop import ANSWER_MASS
 
     check_tracking()
     base = cfg.finetune.model_copy(update={"templates": cfg.train_templates, "validation_templates": cfg.validation_templates})
@@ -251,7 +263,7 @@ def run_sweep(spec, cfg: SweepConfig, nested: bool = False) -> dict:
             )
             tuner = tune.Tuner.restore(storage.join(tune_storage, cfg.name), trainable, resume_unfinished=True, resume_errored=True)
         else:
-            log_params(cfg.model_dump(exclude={"finetune"}) | {"finetune": base.model_dump()})
+            log_params(cfg.model_dump(exclude={"finetune", "min_answer_mass"}) | {"finetune": base.model_dump()})
             record = {"settings": _settings(spec, cfg), "parent_run_id": parent.info.run_id}
             storage.write_text(_record_path(cfg), json.dumps(record, indent=1))
             tuner = tune.Tuner(
@@ -275,13 +287,15 @@ def run_sweep(spec, cfg: SweepConfig, nested: bool = False) -> dict:
         except KeyboardInterrupt:
             _end_stopped_trial_runs(parent.info.run_id)  # the trials' runs end KILLED with the sweep's
             raise
-        best = final_choice(results, epochs_per_trial(plan_budget(base, spec)))
+        best = final_choice(results, plan_budget(base, spec).all_epochs, cfg.min_answer_mass)
         best_finetune = cfg.finetune.model_copy(update={k: best.config[k] for k in cfg.searched})
         output = Path(cfg.output) if cfg.output else home_dir() / "sweeps" / cfg.name / "best.yaml"
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(yaml.safe_dump({"finetune": best_finetune.model_dump()}, sort_keys=False))
         best_mae = float(best.metrics["val_mae"])
-        mlflow.log_metrics({"best_val_mae": best_mae} | {f"best_{k}": float(best.config[k]) for k in cfg.searched})
+        chosen = {"best_val_mae": best_mae, "min_answer_mass": cfg.min_answer_mass}  # metrics: a rerun may choose again
+        chosen |= {"best_val_answer_mass": best.metrics[ANSWER_MASS]} if ANSWER_MASS in best.metrics else {}
+        mlflow.log_metrics(chosen | {f"best_{k}": float(best.config[k]) for k in cfg.searched})
         mlflow.log_artifact(str(output))
         _end_stopped_trial_runs(parent.info.run_id)
     best_values = {k: float(best.config[k]) for k in cfg.searched}
