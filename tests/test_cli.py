@@ -132,6 +132,13 @@ BAD_INPUTS = {
         "unknown attribute template 'v3' for spec gender-uk-real",
     ),
     "--set a wrong type": (["compare", "--set", "finetune.kl_weight=high"], {}, {}, "finetune.kl_weight: Input should be a valid number"),
+    "a reversed search range": (["compare", "--set", "tune.lr=[0.005, 0.0001]"], {}, {}, "tune.lr: Value error, a log-uniform range"),
+    "a search range for an untrained method": (
+        ["compare", "--set", "tune.lr_per_method={zero-shot: [0.000001, 0.0001]}"],
+        {},
+        {},
+        "tune.lr_per_method: 'zero-shot' is not a trained method",
+    ),
     "unknown loss mode": ([*FT, "--set", "finetune.loss_mode=ppo"], {}, {}, "loss_mode must be one of"),
     # environment
     "malformed MLFLOW_TRACKING_URI": (["estimate", *UK], {}, {"MLFLOW_TRACKING_URI": "sqlite//mlflow.db"}, "MLFLOW_TRACKING_URI"),

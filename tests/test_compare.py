@@ -279,7 +279,8 @@ def test_every_trained_method_gets_the_same_tune_budget_first(ray_cluster, tiny_
         methods=["dpo"],  # and IFT, which DPO starts from
         finetune={"model": tiny_model_path, "num_workers": 1, "epochs": 1, "max_contexts": 2, "answers_per_context": 8},
         estimate={"samples_per_context": 4, "max_contexts": 2, "max_new_tokens": 3, "num_actors": 1},
-        tune={"trials": 2, "scheduler": "fifo", "min_answer_mass": 0.0},  # a random tiny model answers with no class
+        # A random tiny model answers with no class. DPO draws its lr from its own range.
+        tune={"trials": 2, "scheduler": "fifo", "min_answer_mass": 0.0, "lr_per_method": {"dpo": (1e-6, 1e-5)}},
         per_template=False,
         capability=False,
         seeds=[0],
@@ -290,9 +291,13 @@ def test_every_trained_method_gets_the_same_tune_budget_first(ray_cluster, tiny_
     parent = runs[runs["tags.job"] == "compare"].iloc[0]
     sweeps = runs[(runs["tags.mlflow.parentRunId"] == parent["run_id"]) & (runs["tags.job"] == "sweep")]
     assert sorted(sweeps["tags.method"]) == ["dpo", "ift"]
+    drawn_from = {"ift": cfg.tune.lr, "dpo": (1e-6, 1e-5)}
     for _, sweep in sweeps.iterrows():
         trials = runs[runs["tags.mlflow.parentRunId"] == sweep["run_id"]]
         assert len(trials) == 2 and trials["metrics.val_mae"].notna().all()
+        drawn = [float(lr) for lr in trials["params.lr"] if float(lr) != cfg.finetune.lr]  # the other runs the settings as given
+        low, high = drawn_from[sweep["tags.method"]]
+        assert len(drawn) == 1 and low <= drawn[0] <= high
     chosen = {
         m: yaml.safe_load(storage.read_text(storage.join(storage.storage_root(), "compare", "tuned", "tuned", f"{m}.yaml")))
         for m in ("ift", "dpo")

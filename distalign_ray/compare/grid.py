@@ -11,7 +11,8 @@ from distalign_ray.config import EstimateConfig, FinetuneConfig
 from distalign_ray.data.prompts import build_prompts, held_out_ids, template_ids
 from distalign_ray.data.specs import load_dataset
 from distalign_ray.errors import DistalignError
-from distalign_ray.methods import Method, get_methods
+from distalign_ray.methods import METHODS, Method, get_methods, trained_method_names
+from distalign_ray.tuning.sweep import LogRange
 
 POOLED = "pooled"  # the template column of a cell that pools the attribute templates
 
@@ -29,10 +30,13 @@ class CompareTuneConfig(BaseModel):
         description="the trials train on this dataset's attribute templates and are scored (val_mae) on its held-out "
         "paraphrases; default: the first compared dataset",
     )
-    lr: tuple[float, float] = Field((1e-4, 5e-3), description="learning-rate range (stage 2, or the baseline's), log-uniform")
-    beta: tuple[float, float] = Field(
-        (0.05, 0.5), description="beta range, log-uniform, for the methods whose objective has one (KTO, DPO)"
+    lr: LogRange = Field((1e-4, 5e-3), description="learning-rate range (stage 2, or the baseline's), log-uniform")
+    lr_per_method: dict[str, LogRange] = Field(
+        default_factory=dict,
+        description="learning-rate range of the named trained methods instead of `lr`, e.g. one that reaches a method's "
+        "published value (configs/compare-paper.yaml: DPO's, 1e-6)",
     )
+    beta: LogRange = Field((0.05, 0.5), description="beta range, log-uniform, for the methods whose objective has one (KTO, DPO)")
     scheduler: Literal["asha", "fifo"] = Field(
         "fifo",
         description="fifo runs every trial whole; asha stops trials early on val_mae, for larger searches (with 4 trials it "
@@ -189,6 +193,9 @@ def validate_compare(cfg: CompareConfig):
     if cfg.tune.trials and tune_dataset(cfg) not in specs:
         specs[tune_dataset(cfg)] = load_dataset(tune_dataset(cfg))
     get_methods(cfg.story_methods)
+    untrained = [m for m in cfg.tune.lr_per_method if m not in METHODS or not METHODS[m].trained]
+    if untrained:
+        raise DistalignError(f"tune.lr_per_method: {untrained[0]!r} is not a trained method; trained: {', '.join(trained_method_names())}")
     outside = [d for d in cfg.story_datasets or [] if d not in cfg.datasets]
     if outside:
         raise DistalignError(f"story_datasets: {outside[0]!r} is not among the compared datasets")

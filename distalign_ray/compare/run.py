@@ -86,7 +86,7 @@ def _tune(method: Method, cfg: CompareConfig, specs: dict, adapters: str, tuned:
         name=f"{cfg.name}-{method.name}",
         num_samples=cfg.tune.trials,
         scheduler=cfg.tune.scheduler,
-        lr=cfg.tune.lr,
+        lr=cfg.tune.lr_per_method.get(method.name, cfg.tune.lr),
         beta=cfg.tune.beta,
         searched=list(method.tuned_fields),
         start_from_defaults=True,
@@ -111,12 +111,12 @@ def run_compare(cfg: CompareConfig, console=None, report: str | Path | None = No
     from distalign_ray.estimate import run_estimate
     from distalign_ray.tracking.mlflow_store import check_tracking, log_params, start_run
 
-    console = console or terminal()
     started = time.time()
     check_tracking()
     methods, specs = validate_compare(cfg)
     cells = plan_cells(cfg, methods, specs)
     record = load_record(report, cfg, cells) if report else None
+    console = console or terminal()  # after the checks: bad input prints one error line, not the log's path
     init_ray()
     adapters = storage.join(storage.storage_root(), "compare", cfg.name)
     parent_id = _parent_run(cfg.name)

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from distalign_ray import storage
 from distalign_ray.config import FinetuneConfig
@@ -36,6 +36,15 @@ SEARCHED = ("kl_weight", "kto_weight", "lr", "beta")
 Searched = Literal["kl_weight", "kto_weight", "lr", "beta"]
 
 
+def _log_range(bounds: tuple[float, float]) -> tuple[float, float]:
+    if not 0 < bounds[0] <= bounds[1]:
+        raise ValueError(f"a log-uniform range is [low, high] with 0 < low <= high, not {list(bounds)}")
+    return bounds
+
+
+LogRange = Annotated[tuple[float, float], AfterValidator(_log_range)]
+
+
 class SweepConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -43,10 +52,10 @@ class SweepConfig(BaseModel):
     num_samples: int = Field(4, gt=0, description="number of trials")
     search: Literal["random", "optuna"] = Field("random", description="search algorithm: random, or Optuna's TPE (needs optuna)")
     scheduler: Literal["asha", "fifo"] = Field("asha", description="trial scheduler: ASHA stops bad trials early on val_mae; fifo runs all")
-    kl_weight: tuple[float, float] = Field((0.1, 10.0), description="kl_weight range, sampled log-uniformly")
-    kto_weight: tuple[float, float] = Field((0.1, 10.0), description="kto_weight range, sampled log-uniformly")
-    lr: tuple[float, float] = Field((5e-4, 5e-3), description="stage-2 learning-rate range, sampled log-uniformly")
-    beta: tuple[float, float] = Field((0.05, 0.5), description="KTO (or DPO) beta range, sampled log-uniformly")
+    kl_weight: LogRange = Field((0.1, 10.0), description="kl_weight range, sampled log-uniformly")
+    kto_weight: LogRange = Field((0.1, 10.0), description="kto_weight range, sampled log-uniformly")
+    lr: LogRange = Field((5e-4, 5e-3), description="stage-2 learning-rate range, sampled log-uniformly")
+    beta: LogRange = Field((0.05, 0.5), description="KTO (or DPO) beta range, sampled log-uniformly")
     searched: list[Searched] = Field(
         default_factory=lambda: list(SEARCHED), min_length=1, description="the finetune fields searched (the others keep their value)"
     )
