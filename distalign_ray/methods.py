@@ -27,6 +27,7 @@ class Method:
     kto: bool = False  # steering recipe: the objective has the KTO term
     init_from: str | None = None  # train starting from this method's adapter
     prompt_engineering: bool = False
+    ablation: bool = False  # a comparison runs its cells after the main methods' (compare/grid.py: plan_cells)
 
     @property
     def trained(self) -> bool:
@@ -62,8 +63,8 @@ for _method in (
     Method("ift", "SFT on plain answers drawn in the target proportions", recipe="ift"),
     Method("dpo", "DPO toward the target proportions, starting from the IFT adapter", recipe="dpo", init_from="ift"),
     Method("hybrid", "steering token: KL on the steering ids + KTO binding (ours)", recipe="steering", kl=True, kto=True),
-    Method("kl_only", "steering token: KL term only (ablation)", recipe="steering", kl=True),
-    Method("kto_only", "steering token: KTO term only (ablation)", recipe="steering", kto=True),
+    Method("kl_only", "steering token: KL term only (ablation)", recipe="steering", kl=True, ablation=True),
+    Method("kto_only", "steering token: KTO term only (ablation)", recipe="steering", kto=True, ablation=True),
 ):
     register_method(_method)
 

@@ -76,6 +76,9 @@ def test_cells_per_template_seed_and_cross_country():
         validate_compare(cfg.model_copy(update={"templates": ["v3"]}))
     pooled = plan_cells(cfg.model_copy(update={"per_template": False, "cross_country": {}}), methods, specs)
     assert [c.template for c in pooled] == ["pooled"] * 3
+    with_ablation = cfg.model_copy(update={"methods": ["kl_only", "hybrid"], "per_template": False, "cross_country": {}})
+    order = [(c.method.name, c.seed) for c in plan_cells(with_ablation, *validate_compare(with_ablation))]
+    assert order == [("hybrid", 0), ("hybrid", 1), ("kl_only", 0), ("kl_only", 1)]  # the main claims first
 
 
 def test_story_cells_only_for_the_chosen_methods_and_datasets():

@@ -132,18 +132,20 @@ class Cell:
 
 
 def plan_cells(cfg: CompareConfig, methods: list[Method], specs: dict) -> list[Cell]:
-    """Every cell, in run order: the attribute task (with cross-country) before the story task, whose
-    long generations cost several times more, so a partial run has the main table first; within each,
-    per seed (so a partial run covers every dataset) and dataset, each method's cells right after its
-    training."""
+    """Every cell, in run order, so that a partial run has the main claims first: the attribute task
+    (with cross-country) before the story task, whose long generations cost several times more; within
+    each, the main methods before the ablations (kl_only's unbound answers run to the token budget,
+    ~20x a trained cell's time); within those, per seed (so a partial run covers every dataset) and
+    dataset, each method's cells right after its training."""
     cells = []
     for phase in ([t for t in cfg.tasks if t != "story"], [t for t in cfg.tasks if t == "story"]):
-        for seed in cfg.seeds:
-            for dataset in cfg.datasets:
-                for method in methods:
-                    if not method.trained and seed != cfg.seeds[0] and not cfg.untrained_every_seed:
-                        continue
-                    cells += _method_cells(cfg, specs[dataset], method, phase, seed)
+        for group in ([m for m in methods if not m.ablation], [m for m in methods if m.ablation]):
+            for seed in cfg.seeds:
+                for dataset in cfg.datasets:
+                    for method in group:
+                        if not method.trained and seed != cfg.seeds[0] and not cfg.untrained_every_seed:
+                            continue
+                        cells += _method_cells(cfg, specs[dataset], method, phase, seed)
     return cells
 
 
