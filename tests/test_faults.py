@@ -298,6 +298,7 @@ def test_ctrl_c_in_a_sweep_then_resume(tiny_model_path, tmp_path):
     env = _env(tmp_path, ray_tmpdir, uri)
     finetune = {"model": tiny_model_path, "num_workers": 1, "cpus_per_worker": 0.5, "epochs": 12, "sft_epochs": 1, "max_contexts": 2}
     config = {"name": "faults", "num_samples": 2, "scheduler": "fifo", "max_concurrent_trials": 1, "finetune": finetune}
+    config["min_answer_mass"] = 0.0  # a random tiny model answers with no class
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(config))
     argv = ["sweep", "--dataset", "gender-us-real", "--config", str(tmp_path / "sweep.yaml"), "--output", str(tmp_path / "best.yaml")]
     mlflow.set_tracking_uri(uri)

@@ -79,6 +79,7 @@ def test_sweep_of_two_trials(cluster):
         {
             "name": "two-node-sweep",
             "num_samples": 2,
+            "min_answer_mass": 0.0,  # a random tiny model answers with no class
             "finetune": {
                 "model": str(cluster.shared / "models" / "tiny"),
                 "num_workers": 1,
