@@ -266,8 +266,13 @@ def test_report_says_how_far_the_run_got_and_what_tuning_chose():
     assert "  - gender-us-real: 28 prompts, 5 per batch; 24 SFT steps (steering methods), 36 steps" in report
     assert "- compute: 2.0 h of finished tuning" in report and "### d1" in report
     # the discussion is computed from the rows
-    assert "- Hybrid has the lowest mean attribute MAE on 1 of 2 datasets with results (d1)." in report
-    assert "- d2: ift 0.055 ± 0.007 (2) against hybrid 0.225 ± 0.035 (2); every seed of it is below every seed of hybrid." in report
+    lowest = "- Hybrid has the lowest mean attribute MAE on 1 of 2 datasets with results (d1); every seed of it below every seed"
+    assert lowest + " of the next method on 0 of them." in report  # d1's zero-shot has one seed
+    assert "- d1: hybrid 0.120 ± 0.028 (2) against zero-shot 0.300 (1); one seed of either: no order is shown." in report
+    assert "- d2: ift 0.055 ± 0.007 (2) against hybrid 0.225 ± 0.035 (2); every seed of ift is below every seed of hybrid." in report
+    overlap = [r | {"mae": 0.06} if (r["dataset"], r["method"], r["seed"]) == ("d2", "hybrid", 0) else r for r in rows]
+    overlapping = results_document(overlap, ReportContext(cfg, specs, tuning, 30, 7200.0, 600.0, "2 CPUs"))
+    assert "- d2: ift 0.055 ± 0.007 (2) against hybrid 0.155 ± 0.134 (2); their seeds overlap: no order is shown." in overlapping
     assert "- Within sampling noise (calibrated-sampler test, p ≥ 0.05): 7 of 11 cells (hybrid, zero-shot)." in report
     assert "- hybrid: held-out paraphrase MAE 0.500 against 0.155 on the trained templates." in report
 
