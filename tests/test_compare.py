@@ -21,6 +21,7 @@ from distalign_ray.compare.report import (
     read_csv,
     results_document,
     results_markdown,
+    rerun_command,
     write_csv,
     write_results,
 )
@@ -98,6 +99,27 @@ def test_story_cells_only_for_the_chosen_methods_and_datasets():
     assert [c.task for c in cells][-2:] == ["story", "story"]  # the main table first: stories cost most
     with pytest.raises(DistalignError, match="story_datasets: 'gender-us-real' is not among the compared datasets"):
         validate_compare(cfg.model_copy(update={"story_datasets": ["gender-us-real"]}))
+
+
+def test_a_cells_rerun_command_is_a_valid_comparison_of_that_cell_alone():
+    """The report's command for one cell of a comparison whose story covers other datasets (as compare-paper.yaml's)."""
+    cfg = CompareConfig(
+        datasets=["gender-uk-real", "gender-uk-even"],
+        tasks=["attribute", "story"],
+        story_methods=["zero-shot", "ift", "hybrid"],
+        story_datasets=["gender-uk-real", "gender-uk-even"],
+        finetune={"min_steps": 70},
+    )
+    tuning = {"hybrid": {"values": {"lr": 0.002, "beta": 0.1}}}
+    argv = shlex.split(rerun_command(cfg, tuning, "hybrid", "gender-uk-even", "attribute_0", 1))
+    flags = {"name": argv[argv.index("--name") + 1], "datasets": [argv[argv.index("--datasets") + 1]]}
+    flags |= {"methods": [argv[argv.index("--methods") + 1]], "tasks": ["attribute"]}
+    again, _ = command_config("compare", None, flags, [argv[i + 1] for i, a in enumerate(argv) if a == "--set"])
+    cells = plan_cells(again, *validate_compare(again))
+    assert [(c.dataset, c.method.name, c.task, c.template, c.seed) for c in cells] == [
+        ("gender-uk-even", "hybrid", "attribute", "attribute_0", 1)
+    ]
+    assert (again.finetune.min_steps, again.finetune.lr, again.finetune.beta) == (70, 0.002, 0.1)
 
 
 def test_results_writer(tmp_path):

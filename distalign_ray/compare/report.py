@@ -206,7 +206,9 @@ def rerun_command(cfg: CompareConfig, tuning: dict[str, dict], method: str, data
     """The command that reruns one attribute cell from a fresh clone, under a new name (nothing reused),
     with the tuned values and every setting that differs from a setting's default."""
     sets = {"seeds": f"[{seed}]", "templates": f"[{template}]", "cross_country": "{}", "tune.trials": "0"}
+    # The story's selection is left out: it may name datasets the rerun does not compare, and it runs no story.
     grid = {"name", "datasets", "methods", "tasks", "seeds", "templates", "cross_country", "tune", "finetune", "estimate"}
+    grid |= {"story_methods", "story_datasets"}
     sets |= {k: flow_yaml(v) for k, v in cfg.model_dump(exclude_defaults=True, exclude=grid).items()}
     for section in ("finetune", "estimate"):
         sets |= {f"{section}.{k}": flow_yaml(v) for k, v in getattr(cfg, section).model_dump(exclude_defaults=True).items()}
