@@ -19,9 +19,9 @@ from distalign_ray.compare.report import (
     METRIC_COLUMNS,
     ReportContext,
     read_csv,
+    rerun_command,
     results_document,
     results_markdown,
-    rerun_command,
     write_csv,
     write_results,
 )
