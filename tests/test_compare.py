@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from distalign_ray.cli_config import command_config
+from distalign_ray.cli import _load_config, build_parser
 from distalign_ray.compare.grid import CompareConfig, plan_cells, validate_compare
 from distalign_ray.compare.record import load_record, write_record
 from distalign_ray.compare.report import (
@@ -101,6 +101,13 @@ def test_story_cells_only_for_the_chosen_methods_and_datasets():
         validate_compare(cfg.model_copy(update={"story_datasets": ["gender-us-real"]}))
 
 
+def _config_of_command(command: str) -> CompareConfig:
+    """The config a printed `distalign compare ...` command runs with, parsed by the CLI itself."""
+    argv = shlex.split(command)
+    assert argv[:2] == ["distalign", "compare"]
+    return _load_config(build_parser().parse_args(argv[1:]), "compare")
+
+
 def test_a_cells_rerun_command_is_a_valid_comparison_of_that_cell_alone():
     """The report's command for one cell of a comparison whose story covers other datasets (as compare-paper.yaml's)."""
     cfg = CompareConfig(
@@ -111,10 +118,7 @@ def test_a_cells_rerun_command_is_a_valid_comparison_of_that_cell_alone():
         finetune={"min_steps": 70},
     )
     tuning = {"hybrid": {"values": {"lr": 0.002, "beta": 0.1}}}
-    argv = shlex.split(rerun_command(cfg, tuning, "hybrid", "gender-uk-even", "attribute_0", 1))
-    flags = {"name": argv[argv.index("--name") + 1], "datasets": [argv[argv.index("--datasets") + 1]]}
-    flags |= {"methods": [argv[argv.index("--methods") + 1]], "tasks": ["attribute"]}
-    again, _ = command_config("compare", None, flags, [argv[i + 1] for i, a in enumerate(argv) if a == "--set"])
+    again = _config_of_command(rerun_command(cfg, tuning, "hybrid", "gender-uk-even", "attribute_0", 1))
     cells = plan_cells(again, *validate_compare(again))
     assert [(c.dataset, c.method.name, c.task, c.template, c.seed) for c in cells] == [
         ("gender-uk-even", "hybrid", "attribute", "attribute_0", 1)
@@ -134,8 +138,8 @@ def test_results_writer(tmp_path):
     markdown = (tmp_path / "results.md").read_text()
     # mean ± sd over seeds beside each seed's interval
     assert (
-        "| d1 | attribute | attribute_0 | hybrid | 0.100 ± 0.020 (3) | s0: 0.100 (0.080–0.120); s1: 0.120 (0.100–0.140); "
-        "s2: 0.080 (0.060–0.100) | 2.0% | 0.0% | 0.050 (0.50) |  |" in markdown
+        "| d1 | attribute | attribute_0 | hybrid | 0.100 ± 0.020 (3) | s0: 0.100 [0.090] (0.080–0.120); s1: 0.120 [0.110] (0.100–0.140); "
+        "s2: 0.080 [0.070] (0.060–0.100) | 2.0% | 0.0% | 0.050 (0.50) |  |" in markdown
     )
     assert "| d1 | attribute | attribute_0 | zero-shot | 0.310 ± 0.014 (2) |" in markdown
     csv_lines = (tmp_path / "results.csv").read_text().splitlines()
@@ -347,13 +351,9 @@ def test_every_trained_method_gets_the_same_tune_budget_first(ray_cluster, tiny_
 
     # The report's rerun command (a new name: nothing reused, trained again) reproduces the cell's numbers.
     command = next(line.strip() for line in report.read_text().splitlines() if line.strip().startswith("distalign compare"))
-    argv = shlex.split(command)
-    flags = {"name": argv[argv.index("--name") + 1], "datasets": [argv[argv.index("--datasets") + 1]]}
-    flags |= {"methods": [argv[argv.index("--methods") + 1]], "tasks": ["attribute"]}
-    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
-    again, _ = command_config("compare", None, flags, sets)
+    again = _config_of_command(command)
     rerun = run_compare(again)
-    original = [r for r in collect_results(parent["run_id"]) if r["method"] == flags["methods"][0]]
-    assert [
-        (r["method"], r["template"], r["seed"], r["mae"], r["unmatched_rate"]) for r in rerun if r["method"] == flags["methods"][0]
-    ] == [(r["method"], r["template"], r["seed"], r["mae"], r["unmatched_rate"]) for r in original]
+    original = [r for r in collect_results(parent["run_id"]) if r["method"] == again.methods[0]]
+    assert [(r["method"], r["template"], r["seed"], r["mae"], r["unmatched_rate"]) for r in rerun if r["method"] == again.methods[0]] == [
+        (r["method"], r["template"], r["seed"], r["mae"], r["unmatched_rate"]) for r in original
+    ]
