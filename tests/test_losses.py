@@ -77,6 +77,29 @@ def test_sft_is_mean_of_per_example_token_means():
     assert sft_loss(token_logps, mask).item() == pytest.approx((2.0 + 2.0) / 2)
 
 
+def test_sft_token_mean_weighs_every_completion_token_alike():
+    token_logps = torch.tensor([[-1.0, -3.0, 0.0], [-2.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert sft_loss(token_logps, mask, "token").item() == pytest.approx((1.0 + 3.0 + 2.0) / 3)
+
+
+@pytest.mark.parametrize(("reduction", "short_share"), [("token", 0.5), ("example", 0.8)])
+def test_sft_reduction_decides_the_fitted_class_shares_of_answers_of_unequal_length(reduction, short_share):
+    """Half the answers are one token long, half four (a first token, then three the model is sure of).
+    Fitting the first-token distribution by gradient descent: the token mean recovers the 50/50 shares;
+    the example mean weighs a first token by 1/length and settles at 1 : 1/4, i.e. 0.8 for the short class."""
+    logits = torch.zeros(2, requires_grad=True)
+    optimizer = torch.optim.SGD([logits], lr=2.0)
+    mask = torch.tensor([[1, 0, 0, 0], [1, 1, 1, 1]])
+    for _ in range(500):
+        first = logits.log_softmax(-1)
+        token_logps = torch.stack([torch.stack([first[0], *[torch.tensor(0.0)] * 3]), torch.stack([first[1], *[torch.tensor(0.0)] * 3])])
+        optimizer.zero_grad()
+        sft_loss(token_logps, mask, reduction).backward()
+        optimizer.step()
+    assert logits.softmax(-1)[0].item() == pytest.approx(short_share, abs=1e-3)
+
+
 def test_hybrid_weights_and_ablations():
     kl, kto = torch.tensor(2.0), torch.tensor(3.0)
     weights = HybridLossWeights(kl_weight=0.5, kto_weight=2.0)

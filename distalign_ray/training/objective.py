@@ -15,6 +15,7 @@ import torch
 
 from distalign_ray.data.steering import TrainingExample
 from distalign_ray.losses import HybridLossWeights, combine_losses, kto_loss, sft_loss, steering_kl_loss
+from distalign_ray.losses.sft import Reduction
 from distalign_ray.methods import trained_method
 from distalign_ray.scoring import encode_prompts, score_completions
 
@@ -60,10 +61,10 @@ def fill_kto_reference(scorer, examples: list[TrainingExample], steering_token_i
     model.train(was_training)
 
 
-def sft_step_loss(scorer, examples: list[TrainingExample], steering_token_ids: list[int], cfg) -> dict:
+def sft_step_loss(scorer, examples: list[TrainingExample], steering_token_ids: list[int], cfg, reduction: Reduction = "example") -> dict:
     _, token_logps, completion_mask = scorer([e.prompt_ids for e in examples], [_completion(e, steering_token_ids) for e in examples])
     mask = _scored_mask(completion_mask, examples[0].steering_index is not None, cfg.score_steering_token)
-    loss = sft_loss(token_logps, mask)
+    loss = sft_loss(token_logps, mask, reduction)
     return {"loss": loss, "sft": loss.detach()}
 
 

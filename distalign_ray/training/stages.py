@@ -115,7 +115,12 @@ def _steering_stages(cfg, spec, tokenizer, vocab, scorer, budget, z0_reduce) -> 
 @recipe("ift")
 def _ift_stages(cfg, spec, tokenizer, vocab, scorer, budget, z0_reduce) -> list[Stage]:
     examples = build_ift_examples(spec, tokenizer, cfg.answers_per_context, cfg.templates)
-    return [Stage("ift", budget.epochs, cfg.lr, group_by_prompt(examples), lambda s, batch: sft_step_loss(s, batch, None, cfg))]
+    # token mean, as the paper's IFT (ms-swift) trains: the fit of the class shares (losses/sft.py)
+    return [
+        Stage(
+            "ift", budget.epochs, cfg.lr, group_by_prompt(examples), lambda s, batch: sft_step_loss(s, batch, None, cfg, reduction="token")
+        )
+    ]
 
 
 @recipe("dpo")
