@@ -40,7 +40,7 @@ def _config_args(parser: argparse.ArgumentParser, command: str) -> None:
     )
 
 
-def _load_config(args, command: str):
+def load_config(args, command: str):
     """The command's validated config. Shared storage is settled here: `--storage`, else `storage:` of the
     config (file or --set), else DISTALIGN_STORAGE."""
     from distalign_ray.cli_config import command_config
@@ -168,7 +168,7 @@ def cmd_ui(args) -> int:
 def cmd_compare(args) -> int:
     from distalign_ray.compare.run import run_compare
 
-    run_compare(_load_config(args, "compare"), report=args.report)
+    run_compare(load_config(args, "compare"), report=args.report)
     return 0
 
 
@@ -176,7 +176,7 @@ def cmd_sweep(args) -> int:
     from distalign_ray.data.specs import load_spec
     from distalign_ray.tuning.sweep import run_sweep
 
-    cfg = _load_config(args, "sweep")
+    cfg = load_config(args, "sweep")
     spec = load_spec(args.dataset, args.spec)
     if cfg.search == "optuna":
         try:
@@ -224,7 +224,7 @@ def cmd_estimate(args) -> int:
     from distalign_ray.estimate import plan_estimate, run_estimate
     from distalign_ray.tracking.mlflow_store import check_tracking
 
-    cfg = _load_config(args, "estimate")
+    cfg = load_config(args, "estimate")
     spec = load_spec(args.dataset, args.spec)
     check_tracking()
     plan = plan_estimate(spec, cfg)
@@ -245,7 +245,7 @@ def cmd_finetune(args) -> int:
     from distalign_ray.tracking.mlflow_store import check_tracking, log_params, start_run
     from distalign_ray.training.finetune import check_binding, describe_result, log_finetune_result, run_finetune, validate_finetune
 
-    cfg = _load_config(args, "finetune")
+    cfg = load_config(args, "finetune")
     spec = load_spec(args.dataset, args.spec)
     check_tracking()
     validate_finetune(spec, cfg, args.output)
@@ -267,7 +267,7 @@ def cmd_finetune(args) -> int:
 def cmd_quickstart(args) -> int:
     from distalign_ray.quickstart import run_quickstart
 
-    run_quickstart(_load_config(args, "quickstart"))
+    run_quickstart(load_config(args, "quickstart"))
     return 0
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from distalign_ray.cli import _load_config, build_parser
+from distalign_ray.cli import build_parser, load_config
 from distalign_ray.compare.grid import CompareConfig, plan_cells, validate_compare
 from distalign_ray.compare.record import load_record, write_record
 from distalign_ray.compare.report import (
@@ -105,7 +105,7 @@ def _config_of_command(command: str) -> CompareConfig:
     """The config a printed `distalign compare ...` command runs with, parsed by the CLI itself."""
     argv = shlex.split(command)
     assert argv[:2] == ["distalign", "compare"]
-    return _load_config(build_parser().parse_args(argv[1:]), "compare")
+    return load_config(build_parser().parse_args(argv[1:]), "compare")
 
 
 def test_a_cells_rerun_command_is_a_valid_comparison_of_that_cell_alone():
@@ -210,6 +210,9 @@ def test_every_method_trains_and_estimates_and_rerun_resumes(ray_cluster, tiny_m
     assert trained["metrics.perplexity_adapted"].notna().all() and trained["metrics.kl_from_base"].notna().all()
     dpo_params = mlflow.get_run(trained[trained["tags.method"] == "dpo"].iloc[0]["run_id"]).data.params
     assert dpo_params["init_adapter"].endswith("gender-us-real/ift/seed-0") and dpo_params["seed"] == "0"
+    by_method = trained.set_index("tags.method")
+    assert by_method["metrics.ift/sft_token_mean"].notna()["ift"]  # IFT fits the shares by the token mean
+    assert by_method["metrics.sft/sft_example_mean"].notna()["hybrid"] and "metrics.ift/sft_example_mean" not in trained
     artifacts = {a.path for a in mlflow.tracking.MlflowClient().list_artifacts(parent.iloc[0]["run_id"], "results")}
     assert {"results/results.csv", "results/results.md", "results/heatmap_attribute.png"} <= artifacts
 

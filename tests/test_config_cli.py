@@ -64,10 +64,10 @@ def test_config_show_prints_a_valid_config_of_the_defaults(command, tmp_path, ca
 
 
 def _cli_config(argv: list[str]):
-    from distalign_ray.cli import _load_config
+    from distalign_ray.cli import load_config
 
     args = build_parser().parse_args(argv)
-    return _load_config(args, args.command)
+    return load_config(args, args.command)
 
 
 def test_file_then_flags_then_set(tmp_path):

@@ -35,7 +35,7 @@ def test_a_new_method_is_one_registry_entry(probe_method, tiny_model_path, tmp_p
     with start_run("method-probe", "test: a registered method trains") as run:
         run_finetune(load_dataset("gender-us-real"), cfg, tmp_path / "adapter", mlflow_run_id=run.info.run_id)
     logged = set(mlflow.get_run(run.info.run_id).data.metrics)
-    assert {"sft/sft", "align/steering_kl"} <= logged and not any("kto" in key for key in logged), logged
+    assert {"sft/sft_example_mean", "align/steering_kl"} <= logged and not any("kto" in key for key in logged), logged
     assert read_adapter_meta(tmp_path / "adapter")["loss_mode"] == name
 
 

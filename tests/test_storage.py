@@ -72,13 +72,13 @@ def test_storage_must_be_writable(tmp_path):
 
 def test_cli_storage_flag_and_config_key(tmp_path, monkeypatch):
     """`--storage` wins over a config file's `storage:`, which wins over DISTALIGN_STORAGE."""
-    from distalign_ray.cli import _load_config, build_parser
+    from distalign_ray.cli import build_parser, load_config
 
     monkeypatch.setenv(storage.STORAGE_ENV, str(tmp_path / "env"))
     config = tmp_path / "c.yaml"
     config.write_text(f"storage: {tmp_path / 'from-config'}\nfinetune: {{epochs: 2}}\n")
     argv = ["finetune", "--dataset", "gender-uk-real", "--output", "o", "--config", str(config)]
-    assert _load_config(build_parser().parse_args(argv), "finetune").epochs == 2
+    assert load_config(build_parser().parse_args(argv), "finetune").epochs == 2
     assert storage.storage_root() == str(tmp_path / "from-config")
-    _load_config(build_parser().parse_args(["--storage", str(tmp_path / "flag"), *argv]), "finetune")
+    load_config(build_parser().parse_args(["--storage", str(tmp_path / "flag"), *argv]), "finetune")
     assert storage.storage_root() == str(tmp_path / "flag")

@@ -14,8 +14,7 @@ from typing import NamedTuple
 import torch
 
 from distalign_ray.data.steering import TrainingExample
-from distalign_ray.losses import HybridLossWeights, combine_losses, kto_loss, sft_loss, steering_kl_loss
-from distalign_ray.losses.sft import Reduction
+from distalign_ray.losses import HybridLossWeights, Reduction, combine_losses, kto_loss, sft_loss, steering_kl_loss
 from distalign_ray.methods import trained_method
 from distalign_ray.scoring import encode_prompts, score_completions
 
@@ -65,7 +64,8 @@ def sft_step_loss(scorer, examples: list[TrainingExample], steering_token_ids: l
     _, token_logps, completion_mask = scorer([e.prompt_ids for e in examples], [_completion(e, steering_token_ids) for e in examples])
     mask = _scored_mask(completion_mask, examples[0].steering_index is not None, cfg.score_steering_token)
     loss = sft_loss(token_logps, mask, reduction)
-    return {"loss": loss, "sft": loss.detach()}
+    # the key names the reduction: IFT (token mean) and stage 1 (example mean) losses are not comparable values
+    return {"loss": loss, f"sft_{reduction}_mean": loss.detach()}
 
 
 def hybrid_step_loss(scorer, examples: list[TrainingExample], steering_token_ids: list[int], cfg, z0_reduce=None) -> dict:
