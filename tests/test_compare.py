@@ -147,6 +147,10 @@ def test_results_writer(tmp_path):
     assert len(csv_lines) == 6 and csv_lines[0].endswith(",trained_on,code_version")
     assert (tmp_path / "heatmap_attribute.png").stat().st_size > 1000
     assert results_markdown(rows).count("\n") == 3
+    # the heatmap shows the paper's templates (or their pooled cell), not the held-out paraphrase
+    write_results([_cell("hybrid", 0, 0.1, template="pooled")], tmp_path / "pooled")
+    write_results([_cell("hybrid", 0, 0.1, template="held_out_0")], tmp_path / "held-out")
+    assert (tmp_path / "pooled" / "heatmap_attribute.png").exists() and not (tmp_path / "held-out" / "heatmap_attribute.png").exists()
 
 
 def test_only_finished_estimates_of_this_parent_count_as_done(mlflow_uri):
@@ -270,7 +274,12 @@ def test_a_report_of_another_comparison_is_not_resumed(tiny_model_path, mlflow_u
 
 
 def test_report_says_how_far_the_run_got_and_what_tuning_chose():
-    cfg = CompareConfig(datasets=["gender-uk-real", "gender-us-real"], methods=["zero-shot", "hybrid"], seeds=[0, 1])
+    cfg = CompareConfig(
+        datasets=["gender-uk-real", "gender-us-real"],
+        methods=["zero-shot", "hybrid"],
+        seeds=[0, 1],
+        tune={"lr_per_method": {"hybrid": (1e-5, 1e-3)}},
+    )
     _, specs = validate_compare(cfg)
     rows = [_cell("zero-shot", 0, 0.3, template=t) for t in ("attribute_0", "attribute_1")]
     rows += [_cell("hybrid", s, m, template=t) for s, m in ((0, 0.1), (1, 0.14)) for t in ("attribute_0", "attribute_1")]
@@ -286,7 +295,9 @@ def test_report_says_how_far_the_run_got_and_what_tuning_chose():
     with_story = results_document([*rows, story], ReportContext(cfg, specs, tuning, 30, 7200.0, 600.0, "2 CPUs"))
     judge_line = "- Story judge against the lexical classifier: 75.0% agreement; story MAE 0.270 by the judge, 0.200 by the lexical"
     assert judge_line in with_story
+    assert "| d1 | story | zero-shot (0.270 (1)) | — | — |" in with_story
     assert "| hybrid | lr 0.0011, beta 0.21 | 0.050 |" in report
+    assert "lr in [0.0001, 0.005] (hybrid: [1e-05, 0.001]), beta in [0.05, 0.5]" in report
     early = results_document(
         [], ReportContext(cfg.model_copy(update={"methods": ["ift", "hybrid"]}), specs, tuning, 30, 0.0, 60.0, "2 CPUs")
     )
@@ -297,7 +308,9 @@ def test_report_says_how_far_the_run_got_and_what_tuning_chose():
     # the discussion is computed from the rows
     lowest = "- Hybrid has the lowest mean attribute MAE on 1 of 2 datasets with results (d1); every seed of it below every seed"
     assert lowest + " of the next method on 0 of them." in report  # d1's zero-shot has one seed
-    assert "- d1: hybrid 0.120 ± 0.028 (2) against zero-shot 0.300 (1); one seed of either: no order is shown." in report
+    assert "- d1: hybrid 0.120 ± 0.028 (2) against zero-shot 0.300 (1); one seed of zero-shot: no order is shown." in report
+    # beside the paper: the same means as the summary (the held-out 0.5 is not among the paper's templates)
+    assert "| d1 | attribute | hybrid (0.120 ± 0.028 (2)) | 0.120 ± 0.028 (2) | — |" in report
     assert "- d2: ift 0.055 ± 0.007 (2) against hybrid 0.225 ± 0.035 (2); every seed of ift is below every seed of hybrid." in report
     overlap = [r | {"mae": 0.06} if (r["dataset"], r["method"], r["seed"]) == ("d2", "hybrid", 0) else r for r in rows]
     overlapping = results_document(overlap, ReportContext(cfg, specs, tuning, 30, 7200.0, 600.0, "2 CPUs"))
