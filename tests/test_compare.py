@@ -80,6 +80,9 @@ def test_cells_per_template_seed_and_cross_country():
     with_ablation = cfg.model_copy(update={"methods": ["kl_only", "hybrid"], "per_template": False, "cross_country": {}})
     order = [(c.method.name, c.seed) for c in plan_cells(with_ablation, *validate_compare(with_ablation))]
     assert order == [("hybrid", 0), ("hybrid", 1), ("kl_only", 0), ("kl_only", 1)]  # the main claims first
+    with_story = with_ablation.model_copy(update={"tasks": ["attribute", "story"], "story_methods": ["hybrid"], "seeds": [0]})
+    order = [(c.method.name, c.task) for c in plan_cells(with_story, *validate_compare(with_story))]
+    assert order == [("hybrid", "attribute"), ("hybrid", "story"), ("kl_only", "attribute")]  # the story table before ablations
 
 
 def test_story_cells_only_for_the_chosen_methods_and_datasets():
