@@ -309,6 +309,7 @@ def test_report_says_how_far_the_run_got_and_what_tuning_chose():
     )
     assert "Not tuned yet: ift." in early and "**partial: 0 of 30 cells finished**" in early
     assert "| d1 | 0.300 (1) | — | **0.120 ± 0.028 (2)** |" in report  # mean over templates per seed, then over seeds
+    assert "| d1 | 0.290 (1) | — | **0.110 ± 0.028 (2)** |" in report  # and the same of the bias-corrected MAE
     assert "  - gender-us-real: 28 prompts, 5 per batch; 24 SFT steps (steering methods), 36 steps" in report
     assert "- compute: 2.0 h of finished tuning" in report and "### d1" in report
     # the discussion is computed from the rows
@@ -318,6 +319,7 @@ def test_report_says_how_far_the_run_got_and_what_tuning_chose():
     # beside the paper: the same means as the summary (the held-out 0.5 is not among the paper's templates)
     assert "| d1 | attribute | hybrid: 0.120 ± 0.028 (2) | 0.120 ± 0.028 (2) | — |" in report
     assert "- d2: ift 0.055 ± 0.007 (2) against hybrid 0.225 ± 0.035 (2); every seed of ift is below every seed of hybrid." in report
+    assert "- By the bias-corrected MAE, hybrid is lowest on 1 of 2 datasets (d1)." in report
     overlap = [r | {"mae": 0.06} if (r["dataset"], r["method"], r["seed"]) == ("d2", "hybrid", 0) else r for r in rows]
     overlapping = results_document(overlap, ReportContext(cfg, specs, tuning, 30, 7200.0, 600.0, "2 CPUs"))
     assert "- d2: ift 0.055 ± 0.007 (2) against hybrid 0.155 ± 0.134 (2); their seeds overlap: no order is shown." in overlapping
@@ -334,6 +336,8 @@ def test_headline_means_count_a_seed_once_it_holds_the_paper_templates():
     rows += [_cell("hybrid", 0, 0.3, task="cross-country", template="attribute_1", dataset="us", trained_on="uk")]
     assert headline_maes(rows) == {"d1": {"hybrid": [0.1, 0.14], "ift": [0.2]}}
     assert headline_maes(rows, "cross-country") == {"uk>us": {"hybrid": [0.3]}}
+    corrected = headline_maes(rows, metric="mae_debiased")  # the cells' bias-corrected MAE, the same way
+    assert corrected["d1"]["hybrid"] == pytest.approx([0.09, 0.13]) and corrected["d1"]["ift"] == pytest.approx([0.19])
     assert headline_maes([_cell("ift", 0, 0.2, template="pooled")]) == {"d1": {"ift": [0.2]}}  # a pooled run
     assert "- d1: hybrid 0.120 ± 0.028 (2) against ift 0.200 (1); one seed of ift: no order is shown." in discussion_lines(rows)
     one_each = [r for r in rows if r["seed"] == 0 and r["template"] != "pooled" and r["task"] == "attribute"]
