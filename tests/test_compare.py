@@ -18,10 +18,13 @@ from distalign_ray.compare.record import load_record, write_record
 from distalign_ray.compare.report import (
     METRIC_COLUMNS,
     ReportContext,
+    discussion_lines,
+    headline_maes,
     read_csv,
     rerun_command,
     results_document,
     results_markdown,
+    summary_markdown,
     write_csv,
     write_results,
 )
@@ -43,7 +46,7 @@ def _cell(method: str, seed: int, mae: float, **metrics) -> dict:
     row = {"dataset": "d1", "task": "attribute", "template": "attribute_0", "method": method, "seed": seed, "samples": 100}
     row |= {"mae": mae, "mae_ci_low": mae - 0.02, "mae_ci_high": mae + 0.02, "mae_debiased": mae - 0.01, "kl": 0.05, "js": 0.01}
     row |= {"unmatched_rate": 0.02, "cut_rate": 0.0, "noise_floor_mae": 0.05, "noise_p_value": 0.31, "readout_mae": math.nan}
-    return row | {"trained_on": "d1"} | metrics
+    return row | {"trained_on": metrics.get("dataset", "d1")} | metrics  # trained where estimated unless told
 
 
 def test_cells_per_template_seed_and_cross_country():
@@ -80,6 +83,9 @@ def test_cells_per_template_seed_and_cross_country():
     with_ablation = cfg.model_copy(update={"methods": ["kl_only", "hybrid"], "per_template": False, "cross_country": {}})
     order = [(c.method.name, c.seed) for c in plan_cells(with_ablation, *validate_compare(with_ablation))]
     assert order == [("hybrid", 0), ("hybrid", 1), ("kl_only", 0), ("kl_only", 1)]  # the main claims first
+    with_story = with_ablation.model_copy(update={"tasks": ["attribute", "story"], "story_methods": ["hybrid"], "seeds": [0]})
+    order = [(c.method.name, c.task) for c in plan_cells(with_story, *validate_compare(with_story))]
+    assert order == [("hybrid", "attribute"), ("hybrid", "story"), ("kl_only", "attribute")]  # the story table before ablations
 
 
 def test_story_cells_only_for_the_chosen_methods_and_datasets():
@@ -147,6 +153,10 @@ def test_results_writer(tmp_path):
     assert len(csv_lines) == 6 and csv_lines[0].endswith(",trained_on,code_version")
     assert (tmp_path / "heatmap_attribute.png").stat().st_size > 1000
     assert results_markdown(rows).count("\n") == 3
+    # the heatmap shows the paper's templates (or their pooled cell), not the held-out paraphrase
+    write_results([_cell("hybrid", 0, 0.1, template="pooled")], tmp_path / "pooled")
+    write_results([_cell("hybrid", 0, 0.1, template="held_out_0")], tmp_path / "held-out")
+    assert (tmp_path / "pooled" / "heatmap_attribute.png").exists() and not (tmp_path / "held-out" / "heatmap_attribute.png").exists()
 
 
 def test_only_finished_estimates_of_this_parent_count_as_done(mlflow_uri):
@@ -270,7 +280,12 @@ def test_a_report_of_another_comparison_is_not_resumed(tiny_model_path, mlflow_u
 
 
 def test_report_says_how_far_the_run_got_and_what_tuning_chose():
-    cfg = CompareConfig(datasets=["gender-uk-real", "gender-us-real"], methods=["zero-shot", "hybrid"], seeds=[0, 1])
+    cfg = CompareConfig(
+        datasets=["gender-uk-real", "gender-us-real"],
+        methods=["zero-shot", "hybrid"],
+        seeds=[0, 1],
+        tune={"lr_per_method": {"hybrid": (1e-5, 1e-3), "dpo": (1e-6, 1e-3)}},  # dpo is not compared: not named
+    )
     _, specs = validate_compare(cfg)
     rows = [_cell("zero-shot", 0, 0.3, template=t) for t in ("attribute_0", "attribute_1")]
     rows += [_cell("hybrid", s, m, template=t) for s, m in ((0, 0.1), (1, 0.14)) for t in ("attribute_0", "attribute_1")]
@@ -286,24 +301,48 @@ def test_report_says_how_far_the_run_got_and_what_tuning_chose():
     with_story = results_document([*rows, story], ReportContext(cfg, specs, tuning, 30, 7200.0, 600.0, "2 CPUs"))
     judge_line = "- Story judge against the lexical classifier: 75.0% agreement; story MAE 0.270 by the judge, 0.200 by the lexical"
     assert judge_line in with_story
+    assert "| d1 | story | zero-shot: 0.270 (1) | — | — |" in with_story
     assert "| hybrid | lr 0.0011, beta 0.21 | 0.050 |" in report
+    assert "lr in [0.0001, 0.005] (hybrid: [1e-05, 0.001]), beta in [0.05, 0.5]" in report
     early = results_document(
         [], ReportContext(cfg.model_copy(update={"methods": ["ift", "hybrid"]}), specs, tuning, 30, 0.0, 60.0, "2 CPUs")
     )
     assert "Not tuned yet: ift." in early and "**partial: 0 of 30 cells finished**" in early
     assert "| d1 | 0.300 (1) | — | **0.120 ± 0.028 (2)** |" in report  # mean over templates per seed, then over seeds
+    assert "| d1 | 0.290 (1) | — | **0.110 ± 0.028 (2)** |" in report  # and the same of the bias-corrected MAE
     assert "  - gender-us-real: 28 prompts, 5 per batch; 24 SFT steps (steering methods), 36 steps" in report
     assert "- compute: 2.0 h of finished tuning" in report and "### d1" in report
     # the discussion is computed from the rows
     lowest = "- Hybrid has the lowest mean attribute MAE on 1 of 2 datasets with results (d1); every seed of it below every seed"
     assert lowest + " of the next method on 0 of them." in report  # d1's zero-shot has one seed
-    assert "- d1: hybrid 0.120 ± 0.028 (2) against zero-shot 0.300 (1); one seed of either: no order is shown." in report
+    assert "- d1: hybrid 0.120 ± 0.028 (2) against zero-shot 0.300 (1); one seed of zero-shot: no order is shown." in report
+    # beside the paper: the same means as the summary (the held-out 0.5 is not among the paper's templates)
+    assert "| d1 | attribute | hybrid: 0.120 ± 0.028 (2) | 0.120 ± 0.028 (2) | — |" in report
     assert "- d2: ift 0.055 ± 0.007 (2) against hybrid 0.225 ± 0.035 (2); every seed of ift is below every seed of hybrid." in report
+    assert "- By the bias-corrected MAE, hybrid is lowest on 1 of 2 datasets (d1)." in report
     overlap = [r | {"mae": 0.06} if (r["dataset"], r["method"], r["seed"]) == ("d2", "hybrid", 0) else r for r in rows]
     overlapping = results_document(overlap, ReportContext(cfg, specs, tuning, 30, 7200.0, 600.0, "2 CPUs"))
     assert "- d2: ift 0.055 ± 0.007 (2) against hybrid 0.155 ± 0.134 (2); their seeds overlap: no order is shown." in overlapping
     assert "- Within sampling noise (calibrated-sampler test, p ≥ 0.05): 7 of 11 cells (hybrid, zero-shot)." in report
     assert "- hybrid: held-out paraphrase MAE 0.500 against 0.155 on the trained templates." in report
+
+
+def test_headline_means_count_a_seed_once_it_holds_the_paper_templates():
+    """The summary, the paper comparison and the heatmap read one set of means: per seed over v1 and v2 (a
+    seed with one of them is not yet a seed), per-template cells over pooled ones, cross-country by origin."""
+    rows = [_cell("hybrid", s, m, template=t) for s, m in ((0, 0.1), (1, 0.14)) for t in ("attribute_0", "attribute_1")]
+    rows += [_cell("hybrid", 2, 0.9), _cell("hybrid", 0, 0.9, template="pooled")]  # interrupted seed 2; a pooled cell
+    rows += [_cell("ift", 0, 0.2, template=t) for t in ("attribute_0", "attribute_1")]
+    rows += [_cell("hybrid", 0, 0.3, task="cross-country", template="attribute_1", dataset="us", trained_on="uk")]
+    assert headline_maes(rows) == {"d1": {"hybrid": [0.1, 0.14], "ift": [0.2]}}
+    assert headline_maes(rows, "cross-country") == {"uk>us": {"hybrid": [0.3]}}
+    corrected = headline_maes(rows, metric="mae_debiased")  # the cells' bias-corrected MAE, the same way
+    assert corrected["d1"]["hybrid"] == pytest.approx([0.09, 0.13]) and corrected["d1"]["ift"] == pytest.approx([0.19])
+    assert headline_maes([_cell("ift", 0, 0.2, template="pooled")]) == {"d1": {"ift": [0.2]}}  # a pooled run
+    assert "- d1: hybrid 0.120 ± 0.028 (2) against ift 0.200 (1); one seed of ift: no order is shown." in discussion_lines(rows)
+    one_each = [r for r in rows if r["seed"] == 0 and r["template"] != "pooled" and r["task"] == "attribute"]
+    assert "- d1: hybrid 0.100 (1) against ift 0.200 (1); one seed of each: no order is shown." in discussion_lines(one_each)
+    assert summary_markdown([_cell("ift", 0, 0.2, template="held_out_0")]) == "No cell of the paper's attribute templates has finished yet."
 
 
 @pytest.mark.slow

@@ -132,14 +132,14 @@ class Cell:
 
 
 def plan_cells(cfg: CompareConfig, methods: list[Method], specs: dict) -> list[Cell]:
-    """Every cell, in run order, so that a partial run has the main claims first: the attribute task
-    (with cross-country) before the story task, whose long generations cost several times more; within
-    each, the main methods before the ablations (kl_only's unbound answers run to the token budget,
-    ~20x a trained cell's time); within those, per seed (so a partial run covers every dataset) and
-    dataset, each method's cells right after its training."""
+    """Every cell, in run order, so that a partial run has the main claims first: the main methods before
+    the ablations (kl_only's unbound answers run to the token budget, ~20x a trained cell's time); within
+    each, the attribute task (with cross-country) before the story task, whose long generations cost
+    several times more; within those, per seed (so a partial run covers every dataset) and dataset, each
+    method's cells right after its training."""
     cells = []
-    for phase in ([t for t in cfg.tasks if t != "story"], [t for t in cfg.tasks if t == "story"]):
-        for group in ([m for m in methods if not m.ablation], [m for m in methods if m.ablation]):
+    for group in ([m for m in methods if not m.ablation], [m for m in methods if m.ablation]):
+        for phase in ([t for t in cfg.tasks if t != "story"], [t for t in cfg.tasks if t == "story"]):
             for seed in cfg.seeds:
                 for dataset in cfg.datasets:
                     for method in group:
