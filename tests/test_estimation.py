@@ -39,6 +39,24 @@ def test_one_template_gets_all_samples(tiny_model_path, tokenizer, template):
     assert {r["template"] for r in default.requests} == {"attribute_0", "attribute_1"}
 
 
+def test_a_templates_seeds_do_not_depend_on_the_templates_beside_it(tiny_model_path):
+    """The comparison estimates each template in its own run: v1, v2 and the held-out paraphrase must
+    still draw independent samples (one shared seed made their steering ids identical), and a template
+    estimated alone draws what it draws in the pooled run."""
+    spec = load_dataset("gender-us-real")
+
+    def seeds(templates):
+        plan = plan_estimate(spec, EstimateConfig(model=tiny_model_path, max_contexts=3, samples_per_request=30, templates=templates))
+        return {(r["context_index"], r["template"], r["chunk"]): r["seed"] for r in plan.requests}
+
+    alone = {t: seeds([t]) for t in ("attribute_0", "attribute_1", "held_out_0")}
+    pooled = seeds(None)  # 50 samples per template: its first two chunks
+    assert len(pooled) == 3 * 2 * 2 and pooled.items() <= (alone["attribute_0"] | alone["attribute_1"]).items()
+    drawn = [set(s.values()) for s in alone.values()]
+    assert all(len(s) == 3 * 4 for s in drawn)  # 3 contexts x 4 chunks of the spec's 100 samples
+    assert not (drawn[0] & drawn[1]) and not (drawn[0] & drawn[2]) and not (drawn[1] & drawn[2])
+
+
 def test_transformers_engine_skips_the_readout_but_not_the_steering(tiny_model_path, tokenizer):
     from distalign_ray.generation.base import Request, SamplingSettings, SteeringSetup
     from distalign_ray.generation.hf_engine import HFEngine

@@ -74,6 +74,11 @@ def held_out_ids(spec: DistributionSpec) -> list[str]:
     return [f"{HELD_OUT}_{i}" for i in range(len(spec.templates.held_out))]
 
 
+def known_template_ids(spec: DistributionSpec, task: str) -> list[str]:
+    """Every template a task can be estimated on, in a fixed order: the defaults, then the held-out paraphrases."""
+    return template_ids(spec, task) + (held_out_ids(spec) if task == "attribute" else [])
+
+
 def template_text(spec: DistributionSpec, template_id: str) -> str:
     if template_id == "story":
         return spec.templates.story
@@ -86,7 +91,7 @@ def build_prompts(
 ) -> list[PromptRow]:
     """One row per context x template, in context order."""
     chosen = templates or template_ids(spec, task)
-    known = template_ids(spec, task) + (held_out_ids(spec) if task == "attribute" else [])
+    known = known_template_ids(spec, task)
     unknown = [t for t in chosen if t not in known]
     if unknown:
         raise DistalignError(f"unknown {task} template {unknown[0]!r} for spec {spec.name}; choose from {', '.join(known)}")

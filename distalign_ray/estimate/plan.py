@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from distalign_ray.config import EstimateConfig
-from distalign_ray.data.prompts import build_prompts, chat_prompt_ids
+from distalign_ray.data.prompts import build_prompts, chat_prompt_ids, known_template_ids
 from distalign_ray.data.specs import DistributionSpec
 from distalign_ray.errors import DistalignError
 from distalign_ray.generation.base import SteeringSetup
@@ -66,6 +66,9 @@ def plan_estimate(spec: DistributionSpec, cfg: EstimateConfig) -> EstimatePlan:
     requests = []
     prompts = build_prompts(spec, cfg.task, cfg.templates, state_target=cfg.prompt_engineering)
     per_context_templates = len(prompts) // len(spec.contexts)
+    # A template's seeds depend on which template it is, not on the others estimated beside it: one run
+    # per template (the comparison's cells) then draws each template's samples independently.
+    template_numbers = {t: i for i, t in enumerate(known_template_ids(spec, cfg.task))}
     for prompt_index, row in enumerate(prompts):
         prompt_ids = chat_prompt_ids(tokenizer, row)
         template_position = prompt_index % per_context_templates
@@ -81,7 +84,7 @@ def plan_estimate(spec: DistributionSpec, cfg: EstimateConfig) -> EstimatePlan:
                     "chunk": chunk_index,
                     "prompt_ids": prompt_ids,
                     "n": n,
-                    "seed": _request_seed(cfg.seed, row.context_index, template_position, chunk_index),
+                    "seed": _request_seed(cfg.seed, row.context_index, template_numbers[row.template], chunk_index),
                     "with_readout": chunk_index == 0,  # one readout per (context, template)
                 }
             )
