@@ -20,6 +20,7 @@ from distalign_ray.compare.report import (
     ReportContext,
     discussion_lines,
     headline_maes,
+    headline_templates,
     read_csv,
     rerun_command,
     results_document,
@@ -301,15 +302,16 @@ def test_report_says_how_far_the_run_got_and_what_tuning_chose():
     with_story = results_document([*rows, story], ReportContext(cfg, specs, tuning, 30, 7200.0, 600.0, "2 CPUs"))
     judge_line = "- Story judge against the lexical classifier: 75.0% agreement; story MAE 0.270 by the judge, 0.200 by the lexical"
     assert judge_line in with_story
-    assert "| d1 | story | zero-shot: 0.270 (1) | — | — |" in with_story
+    assert "| d1 | story | one prompt | zero-shot: 0.270 (1) | — | — |" in with_story
     assert "| hybrid | lr 0.0011, beta 0.21 | 0.050 |" in report
     assert "lr in [0.0001, 0.005] (hybrid: [1e-05, 0.001]), beta in [0.05, 0.5]" in report
     early = results_document(
         [], ReportContext(cfg.model_copy(update={"methods": ["ift", "hybrid"]}), specs, tuning, 30, 0.0, 60.0, "2 CPUs")
     )
     assert "Not tuned yet: ift." in early and "**partial: 0 of 30 cells finished**" in early
-    assert "| d1 | 0.300 (1) | — | **0.120 ± 0.028 (2)** |" in report  # mean over templates per seed, then over seeds
-    assert "| d1 | 0.290 (1) | — | **0.110 ± 0.028 (2)** |" in report  # and the same of the bias-corrected MAE
+    assert "| d1 | v1, v2 | 0.300 (1) | — | **0.120 ± 0.028 (2)** |" in report  # mean over templates per seed, then over seeds
+    assert "| d1 | v1, v2 | 0.290 (1) | — | **0.110 ± 0.028 (2)** |" in report  # and the same of the bias-corrected MAE
+    assert "| d2 | v1 | — | **0.055 ± 0.007 (2)** | 0.225 ± 0.035 (2) |" in report  # v1 alone so far: said so
     assert "  - gender-us-real: 28 prompts, 5 per batch; 24 SFT steps (steering methods), 36 steps" in report
     assert "- compute: 2.0 h of finished tuning" in report and "### d1" in report
     # the discussion is computed from the rows
@@ -317,7 +319,7 @@ def test_report_says_how_far_the_run_got_and_what_tuning_chose():
     assert lowest + " of the next method on 0 of them." in report  # d1's zero-shot has one seed
     assert "- d1: hybrid 0.120 ± 0.028 (2) against zero-shot 0.300 (1); one seed of zero-shot: no order is shown." in report
     # beside the paper: the same means as the summary (the held-out 0.5 is not among the paper's templates)
-    assert "| d1 | attribute | hybrid: 0.120 ± 0.028 (2) | 0.120 ± 0.028 (2) | — |" in report
+    assert "| d1 | attribute | v1, v2 | hybrid: 0.120 ± 0.028 (2) | 0.120 ± 0.028 (2) | — |" in report
     assert "- d2: ift 0.055 ± 0.007 (2) against hybrid 0.225 ± 0.035 (2); every seed of ift is below every seed of hybrid." in report
     assert "- By the bias-corrected MAE, hybrid is lowest on 1 of 2 datasets (d1)." in report
     overlap = [r | {"mae": 0.06} if (r["dataset"], r["method"], r["seed"]) == ("d2", "hybrid", 0) else r for r in rows]
@@ -339,6 +341,9 @@ def test_headline_means_count_a_seed_once_it_holds_the_paper_templates():
     corrected = headline_maes(rows, metric="mae_debiased")  # the cells' bias-corrected MAE, the same way
     assert corrected["d1"]["hybrid"] == pytest.approx([0.09, 0.13]) and corrected["d1"]["ift"] == pytest.approx([0.19])
     assert headline_maes([_cell("ift", 0, 0.2, template="pooled")]) == {"d1": {"ift": [0.2]}}  # a pooled run
+    assert headline_templates(rows) == {"d1": "v1, v2"}  # the pooled cell gives way to the per-template ones
+    assert headline_templates([_cell("ift", 0, 0.2, template="pooled")]) == {"d1": "v1+v2 pooled"}
+    assert headline_templates(rows, "cross-country") == {"uk>us": "v2"}
     assert "- d1: hybrid 0.120 ± 0.028 (2) against ift 0.200 (1); one seed of ift: no order is shown." in discussion_lines(rows)
     one_each = [r for r in rows if r["seed"] == 0 and r["template"] != "pooled" and r["task"] == "attribute"]
     assert "- d1: hybrid 0.100 (1) against ift 0.200 (1); one seed of each: no order is shown." in discussion_lines(one_each)

@@ -112,13 +112,16 @@ class ReportContext:
 PAPER_TEMPLATES = ("attribute_0", "attribute_1")  # the paper's v1 and v2 prompts: the summary's columns
 
 
-def headline_maes(rows: list[dict], task: str = "attribute", metric: str = "mae") -> dict[str, dict[str, list[float]]]:
-    """Where (the dataset, or `trained_on>dataset` for adapters trained elsewhere) -> method -> per seed,
-    the MAE of `task` (or the cells' `metric`, e.g. mae_debiased) averaged over the paper's templates. The attribute task's are v1 and v2 (their
-    pooled cell where a run pooled them; the held-out paraphrase is generalisation, reported apart), and
-    a seed counts only once it holds every one of them that the dataset's rows hold (an interrupted run
-    does not pass one template off as the mean of two); the cross-country and story tasks have one
-    template. The summary, the paper comparison and the heatmap all read this."""
+PAPER_TEMPLATE_NAMES = {"attribute_0": "v1", "attribute_1": "v2"}
+
+
+def _headline(rows: list[dict], task: str, metric: str) -> dict[str, tuple[list[str], dict[str, list[float]]]]:
+    """Where (the dataset, or `trained_on>dataset` for adapters trained elsewhere) -> (the templates each
+    seed's mean covers, method -> per seed, the `metric` of `task` averaged over them). The attribute task's
+    are the paper's v1 and v2 (their pooled cell where a run pooled them; the held-out paraphrase is
+    generalisation, reported apart), and a seed counts only once it holds every one of them that the
+    dataset's rows hold (an interrupted run does not pass one template off as the mean of two); the
+    cross-country and story tasks have one template."""
     cells: dict[str, dict[str, dict[int, dict[str, float]]]] = {}
     for r in rows:
         if r["task"] == task and (task != "attribute" or r["template"] in (*PAPER_TEMPLATES, POOLED)):
@@ -127,13 +130,31 @@ def headline_maes(rows: list[dict], task: str = "attribute", metric: str = "mae"
     table = {}
     for where, by_method in sorted(cells.items()):
         held = {t for seeds in by_method.values() for templates in seeds.values() for t in templates}
-        wanted = held - {POOLED} or held  # the per-template cells where a run has both kinds
+        wanted = sorted(held - {POOLED} or held)  # the per-template cells where a run has both kinds
         per_seed = {
-            method: [float(np.mean([templates[t] for t in sorted(wanted)])) for templates in seeds.values() if wanted <= templates.keys()]
+            method: [float(np.mean([templates[t] for t in wanted])) for templates in seeds.values() if set(wanted) <= templates.keys()]
             for method, seeds in by_method.items()
         }
-        table[where] = {method: values for method, values in per_seed.items() if values}
-    return {where: by for where, by in table.items() if by}
+        if by := {method: values for method, values in per_seed.items() if values}:
+            table[where] = (wanted, by)
+    return table
+
+
+def headline_maes(rows: list[dict], task: str = "attribute", metric: str = "mae") -> dict[str, dict[str, list[float]]]:
+    """Where -> method -> per seed, the MAE of `task` (or the cells' `metric`, e.g. mae_debiased) averaged
+    over the paper's templates that the rows hold (see `_headline`). The summary, the paper comparison and
+    the heatmap all read this."""
+    return {where: by for where, (_, by) in _headline(rows, task, metric).items()}
+
+
+def headline_templates(rows: list[dict], task: str = "attribute") -> dict[str, str]:
+    """Where -> the templates its headline means average, in the paper's names (`v1, v2`, or `v1` alone
+    while a dataset's v2 cells are still to run), so no table passes one template off as two."""
+    pooled = "v1+v2 pooled" if task == "attribute" else "one prompt"  # the story task's pooled cell is its one prompt
+    return {
+        where: ", ".join(pooled if t == POOLED else PAPER_TEMPLATE_NAMES.get(t, t) for t in templates)
+        for where, (templates, _) in _headline(rows, task, "mae").items()
+    }
 
 
 def _mean_sd(values: list[float]) -> str:
@@ -141,17 +162,18 @@ def _mean_sd(values: list[float]) -> str:
 
 
 def summary_markdown(rows: list[dict], metric: str = "mae") -> str:
-    """Datasets x methods: MAE (or `metric`) mean ± sd over seeds of the mean over the paper's templates; the
-    best per row in bold."""
+    """Datasets x methods: MAE (or `metric`) mean ± sd over seeds of the mean over the paper's templates (the
+    `templates` column names those a row holds); the best per row in bold."""
     table = headline_maes(rows, metric=metric)
     if not table:
         return "No cell of the paper's attribute templates has finished yet."
+    templates = headline_templates(rows)
     names = [m.name for m in get_methods(None) if any(m.name in by for by in table.values())]
-    lines = ["| dataset | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines = ["| dataset | templates | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     for dataset, per_seed in table.items():
         best = min(per_seed, key=lambda m: np.mean(per_seed[m]))
         cells = ["—" if m not in per_seed else f"**{_mean_sd(per_seed[m])}**" if m == best else _mean_sd(per_seed[m]) for m in names]
-        lines.append(f"| {dataset} | " + " | ".join(cells) + " |")
+        lines.append(f"| {dataset} | {templates[dataset]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -326,7 +348,8 @@ def results_document(rows: list[dict], ctx: ReportContext) -> str:
         lines.append("No search (`tune.trials: 0`): every method trains with the settings above.")
     lines += [
         "",
-        "## Summary (attribute task: MAE mean ± sd over seeds (n) of the mean over the paper's two templates; best in bold)",
+        "## Summary (attribute task: MAE mean ± sd over seeds (n) of the mean over the paper's templates v1 and v2, or "
+        "over those a dataset holds so far (its `templates` column); best in bold)",
         "",
         summary_markdown(rows),
         "",
@@ -352,18 +375,19 @@ def results_document(rows: list[dict], ctx: ReportContext) -> str:
         "",
         "## Beside the paper",
         "",
-        "Ours: MAE mean ± sd over seeds (n), as in the summary (attribute: per seed, the mean over v1 and v2; "
-        "cross-country: v2 of the US dataset, adapters trained on the UK one; story: its one prompt).",
+        "Ours: MAE mean ± sd over seeds (n), as in the summary (attribute: per seed, the mean over the templates "
+        "named; cross-country: v2 of the US dataset, adapters trained on the UK one; story: its one prompt).",
         "",
-        "| dataset | task | ours: best method | ours: hybrid | paper (proposed method) |",
-        "|---|---|---|---|---|",
+        "| dataset | task | templates | ours: best method | ours: hybrid | paper (proposed method) |",
+        "|---|---|---|---|---|---|",
     ]
     for task in sorted({r["task"] for r in rows}):
+        templates = headline_templates(rows, task)
         for where, by_method in headline_maes(rows, task).items():
             best = min(by_method, key=lambda m: np.mean(by_method[m]))
             hybrid = _mean_sd(by_method["hybrid"]) if "hybrid" in by_method else "—"
             paper = PAPER_REFERENCE_MAE.get((where, task))
-            lines.append(f"| {where} | {task} | {best}: {_mean_sd(by_method[best])} | {hybrid} | {paper if paper else '—'} |")
+            lines.append(f"| {where} | {task} | {templates[where]} | {best}: {_mean_sd(by_method[best])} | {hybrid} | {paper or '—'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -409,5 +433,6 @@ def write_results(rows: list[dict], folder: Path) -> None:
         for d in datasets:
             for method, per_seed in means[d].items():
                 grid[methods.index(method), datasets.index(d)] = np.mean(per_seed)
-        title = f"MAE by method and dataset ({task} task; mean over the paper's templates and seeds)"
-        plot_heatmap(grid, methods, datasets, title, folder / f"heatmap_{task}.png")
+        title = f"MAE by method and dataset ({task} task; mean over the templates named and seeds)"
+        templates = headline_templates(rows, task)
+        plot_heatmap(grid, methods, [f"{d} ({templates[d]})" for d in datasets], title, folder / f"heatmap_{task}.png")
