@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from distalign_ray.cli import build_parser, main
+from distalign_ray.console import captured_output, log_file, terminal
 
 
 @pytest.mark.parametrize("command", [[], ["estimate"], ["finetune"], ["datasets"], ["quickstart"]])
@@ -187,3 +188,21 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("distalign: error: ") and message in lines[0], proc.stderr[-3000:]
     assert _tree(tmp_path) == before, "written: " + ", ".join(sorted(_tree(tmp_path) - before))
     assert proc.stdout == ""  # not even the log file's path: no log file is kept
+
+
+def test_the_announced_log_can_be_followed_while_the_command_runs(tmp_path, capfd):
+    """The log's path comes with the command's first line and the file is written there from then on
+    (`tail -f` works during a long compare); before that line (input checks) the logs folder stays empty."""
+    with captured_output(tmp_path / "logs", "compare"):
+        os.write(1, b"ray: starting\n")  # what Ray, vLLM or a worker writes to the process's stdout
+        assert not (tmp_path / "logs").exists()
+        terminal().print("stage 1")
+        (log,) = (tmp_path / "logs").glob("compare-*.log")
+        os.write(2, b"worker line\n")
+        assert log.read_text() == "ray: starting\nworker line\n" and log_file() == log
+    assert capfd.readouterr().out.splitlines() == [f"log: {log}", "stage 1"]
+    assert log.read_text() == "ray: starting\nworker line\n"  # still there, nothing lost in the move
+    with captured_output(tmp_path / "bad", "compare") as captured:
+        terminal().print("stage 1")
+        captured.discard()  # an input error found after the first line: still nothing kept
+    assert list((tmp_path / "bad").iterdir()) == []
